@@ -1,0 +1,264 @@
+"""The ``fedit`` command. Only this package configures logging, progress bars and output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from fedit.errors import FeditError
+
+log = logging.getLogger("fedit.cli")
+
+
+def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        p.add_argument("--model", default=None, help="built-in name (default gemma-3-270m), local folder or hub name")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when present)")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--cache-dir", default=None, help="cache for models, statistics, templates (default $FEDIT_CACHE or ~/.cache/fedit)")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _edit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="memit", choices=["rome", "memit"])
+    p.add_argument("--layers", default=None, help="comma-separated layers to edit (overrides the data file)")
+    p.add_argument("--hparams", default=None, help="JSON file of hyperparameters (overrides the data file)")
+    p.add_argument("--corpus", default=None, help="text file or folder for second moments (default: shipped WikiText-2 sample)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fedit", description="Edit the factual knowledge of language models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("edit", help="edit facts and show what the model says before and after")
+    _common(p)
+    _edit_args(p)
+    p.add_argument("--prompt", help='prompt with {} for the subject, e.g. "{} is located in"')
+    p.add_argument("--subject")
+    p.add_argument("--target", help="the new answer")
+    p.add_argument("--target-true", default=None, help="the current answer (optional)")
+    p.add_argument("--requests", help="JSON/JSONL file of requests (instead of --prompt/--subject/--target)")
+    p.add_argument("--sequential", type=int, default=0, metavar="B",
+                   help="apply the requests in batches of B, one after another (default: one batch)")
+    p.add_argument("--save", help="write the edit (deltas + metadata) to this .safetensors file")
+
+    p = sub.add_parser("apply", help="apply a saved edit to a model")
+    _common(p)
+    p.add_argument("file")
+    p.add_argument("--out", help="write the edited model to this folder (loadable with --model)")
+    p.add_argument("--force", action="store_true", help="apply even if the base weights differ")
+
+    p = sub.add_parser("revert", help="undo a saved edit on a model that carries it (bit-identical)")
+    _common(p)
+    p.add_argument("file")
+    p.add_argument("--out", help="write the reverted model to this folder")
+    p.add_argument("--force", action="store_true", help="revert even if the weights are not exactly base + delta")
+
+    p = sub.add_parser("stats", help="precompute second-moment statistics of keys")
+    _common(p)
+    p.add_argument("--layers", required=True, help="comma-separated layers")
+    p.add_argument("--corpus", default=None, help="text file or folder (default: shipped WikiText-2 sample)")
+    p.add_argument("--samples", type=int, default=1000, help="number of corpus chunks")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per chunk")
+
+    p = sub.add_parser("demo", help="edit a few well-known facts in the default model and show before/after")
+    _common(p)
+    p.add_argument("--method", default="memit", choices=["rome", "memit"])
+    return ap
+
+
+def _layers(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise FeditError(f"--layers {text!r} is not a list of integers.", "write it like --layers 3,4,5") from None
+
+
+def _load(args):
+    from fedit.models.loading import DEFAULT_MODEL, load_model
+
+    return load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+
+
+def _emit(args, obj: dict, text: str) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps(obj) + "\n")
+    else:
+        sys.stdout.write(text.rstrip() + "\n")
+
+
+def _table(rows: list[dict]) -> str:
+    lines = [f"{'prompt':<58} {'target':<14} {'before p':>9} {'top':<12} {'after p':>9} {'top':<12}"]
+    for r in rows:
+        b, a = r["before"], r.get("after", r["before"])
+        lines.append(f"{r['text'][:58]:<58} {r['target'][:14]:<14} {b['target_prob']:>9.4f} {b['top_token'][:12]!r:<12} "
+                     f"{a['target_prob']:>9.4f} {a['top_token'][:12]!r:<12}")
+    return "\n".join(lines)
+
+
+def _probe(lm, rows: list[dict], key: str) -> None:
+    from fedit.core.probe import describe
+
+    for r in rows:
+        d = describe(lm, r["text"], r["target"])
+        r[key] = {"target_prob": d["target_prob"], "top_token": d["top_token"]}
+
+
+def cmd_edit(args) -> int:
+    from fedit.api import combined, edit
+    from fedit.methods import Resources
+    from fedit.requests import EditRequest, load_requests
+
+    if args.requests:
+        if args.prompt or args.subject or args.target:
+            raise FeditError("give either --requests FILE or --prompt/--subject/--target, not both.")
+        requests = load_requests(args.requests)
+    else:
+        missing = [f"--{n}" for n in ("prompt", "subject", "target") if getattr(args, n) is None]
+        if missing:
+            raise FeditError(f"missing {', '.join(missing)}.",
+                             'e.g. fedit edit --prompt "{} is located in the city of" --subject "Eiffel Tower" --target Rome')
+        requests = [EditRequest.build(args.prompt, args.subject, args.target, args.target_true)]
+    lm = _load(args)
+    from fedit.core.tokens import validate_for_tokenizer
+
+    validate_for_tokenizer(lm.tokenizer, requests)
+    res = Resources(cache_dir=args.cache_dir, corpus=args.corpus, progress=not args.json)
+    overrides = {"layers": _layers(args.layers)}
+    rows = [{"request": r, "text": r.filled_prompt, "target": r.target_new} for r in requests]
+    _probe(lm, rows, "before")
+    t0 = time.perf_counter()
+    batches = ([requests[i:i + args.sequential] for i in range(0, len(requests), args.sequential)]
+               if args.sequential else [requests])
+    results = []
+    for b in batches:
+        results.append(edit(lm, b, method=args.method, overrides=overrides, hparams_file=args.hparams, resources=res))
+    seconds = time.perf_counter() - t0
+    _probe(lm, rows, "after")
+    if args.save:
+        combined(lm, results, requests).save(args.save)
+    out = {"method": args.method, "model": lm.name, "seconds": round(seconds, 3),
+           "requests": [{"prompt": r["request"].prompt, "subject": r["request"].subject, "target": r["target"],
+                         "before": r["before"], "after": r["after"]} for r in rows]}
+    if args.save:
+        out["saved"] = str(args.save)
+    text = _table(rows) + f"\n\n{args.method} on {lm.name}: {len(requests)} request(s) in {seconds:.1f} s"
+    if args.save:
+        text += f"; saved to {args.save}"
+    _emit(args, out, text)
+    return 0
+
+
+def _save_model(lm, folder: str, base: dict) -> None:
+    from fedit.models.loading import BASE_FILE
+
+    path = Path(folder)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    (path / BASE_FILE).write_text(json.dumps(base, indent=1))
+
+
+def _file_rows(wd) -> list[dict]:
+    from fedit.requests import EditRequest
+
+    reqs = [EditRequest.from_dict(r) for r in wd.requests]
+    return [{"request": r, "text": r.filled_prompt, "target": r.target_new} for r in reqs]
+
+
+def cmd_apply(args) -> int:
+    from fedit.deltas import WeightDeltas
+
+    wd = WeightDeltas.load(args.file)
+    lm = _load(args)
+    rows = _file_rows(wd)
+    _probe(lm, rows, "before")
+    wd.apply(lm.model, check_base=not args.force)
+    _probe(lm, rows, "after")
+    if args.out:
+        _save_model(lm, args.out, lm.identity())
+    out = {"file": args.file, "model": lm.name, "method": wd.method, "out": args.out,
+           "requests": [{"prompt": r["request"].prompt, "subject": r["request"].subject, "target": r["target"],
+                         "before": r["before"], "after": r["after"]} for r in rows]}
+    _emit(args, out, _table(rows) + f"\n\napplied {args.file} ({wd.method}) to {lm.name}"
+          + (f"; edited model written to {args.out}" if args.out else " (in memory only; pass --out DIR to keep it)"))
+    return 0
+
+
+def cmd_revert(args) -> int:
+    from fedit.deltas import WeightDeltas, revert_file_edit
+
+    wd = WeightDeltas.load(args.file)
+    lm = _load(args)
+    rows = _file_rows(wd)
+    _probe(lm, rows, "before")
+    revert_file_edit(lm.model, wd, force=args.force)
+    _probe(lm, rows, "after")
+    if args.out:
+        _save_model(lm, args.out, lm.identity())
+    out = {"file": args.file, "model": lm.name, "out": args.out,
+           "requests": [{"prompt": r["request"].prompt, "subject": r["request"].subject, "target": r["target"],
+                         "before": r["before"], "after": r["after"]} for r in rows]}
+    _emit(args, out, _table(rows) + f"\n\nreverted {args.file} on {lm.name}"
+          + (f"; written to {args.out}" if args.out else ""))
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from fedit.corpus import open_corpus
+    from fedit.stats_cache import second_moments, stats_dir
+
+    layers = _layers(args.layers)
+    lm = _load(args)
+    for l in layers:
+        lm.adapter.check_layer(l)
+    corpus = open_corpus(args.corpus)
+    t0 = time.perf_counter()
+    mom = second_moments(lm, layers, corpus=corpus, samples=args.samples, seq_len=args.seq_len,
+                         cache_dir=args.cache_dir, progress=not args.json)
+    seconds = time.perf_counter() - t0
+    folder = stats_dir(lm, corpus, args.cache_dir)
+    out = {"model": lm.name, "layers": layers, "corpus": corpus.id, "samples": args.samples, "seq_len": args.seq_len,
+           "seconds": round(seconds, 3), "dir": str(folder),
+           "trace": {str(l): float(m.trace()) for l, m in mom.items()}}
+    _emit(args, out, f"second moments for layers {layers} of {lm.name} over {corpus.id} "
+          f"({args.samples} chunks × {args.seq_len} tokens) in {seconds:.1f} s\ncached in {folder}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from fedit.cli.demo import run_demo
+
+    return run_demo(args, _load(args), _emit, _table, _probe)
+
+
+COMMANDS = {"edit": cmd_edit, "apply": cmd_apply, "revert": cmd_revert, "stats": cmd_stats, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.json:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return COMMANDS[args.command](args)
+    except FeditError as e:
+        if args.json:
+            sys.stdout.write(json.dumps({"error": str(e)}) + "\n")
+        sys.stderr.write(f"fedit: error: {e}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Carry a wanted change of the residual stream at layer L back to an earlier layer l.
+
+MEMIT assumes the residual stream is a sum, so a change written at layer l arrives unchanged
+at the last edited layer L. In models with norms around each sublayer (Gemma 2/3) the blocks
+between l and L react to the change and it arrives bent: on Gemma 3 270M the residual at L grew
+after each lower layer's update. Here we find, per request, the change Δ of block l's output
+at the subject's last token whose effect at block L's output is the wanted one:
+
+    min_Δ ‖h_L(h_l + Δ) − (h_L + want)‖²
+
+starting from Δ = want (MEMIT's own assumption) and improving it with a few Adam steps through
+blocks l+1..L only (the rest of the sequence is cached).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedit.core.hooks import call_block, capture, record_block_calls, run_until_stop
+from fedit.core.tokens import subject_batch
+from fedit.requests import EditRequest
+
+
+def pull_back(lm, requests: list[EditRequest], layer: int, last: int, want: torch.Tensor,
+              steps: int = 30, lr_scale: float = 0.1) -> tuple[torch.Tensor, float, float]:
+    """Δ [n, d] at block ``layer``'s output that moves block ``last``'s output by ``want`` [n, d].
+
+    Returns (Δ, relative error at Δ = want, relative error at the returned Δ), the error being
+    ‖achieved − want‖ / ‖want‖ at the subject's last token of the bare prompt, averaged over
+    requests. The model is not changed.
+    """
+    ad = lm.adapter
+    blocks = list(ad.blocks())
+    batch = subject_batch(lm.tokenizer, ["{}"], requests).to(lm.device)
+    rows = torch.arange(len(requests), device=lm.device)
+    with torch.no_grad(), record_block_calls(blocks) as calls, \
+            capture({"l": blocks[layer], "L": blocks[last]}, stop_when_done=True) as st:
+        run_until_stop(lambda: ad.body()(input_ids=batch.input_ids, attention_mask=batch.attention_mask))
+    h_l = st["l"]["output"]  # [n, T, d]
+    goal = st["L"]["output"][rows, batch.lookup].float() + want.float()  # [n, d]
+    onehot = torch.zeros(h_l.shape[0], h_l.shape[1], 1, device=lm.device)
+    onehot[rows, batch.lookup] = 1.0
+    want_norm = want.float().norm(dim=-1).clamp_min(1e-12)
+
+    def rel_error(delta: torch.Tensor) -> torch.Tensor:  # [n]
+        x = h_l + (onehot * delta[:, None, :]).to(h_l.dtype)
+        for j in range(layer + 1, last + 1):
+            x = call_block(blocks[j], calls[j], x)
+        return (x[rows, batch.lookup].float() - goal).norm(dim=-1) / want_norm
+
+    delta = want.detach().float().clone().requires_grad_(True)
+    lr = float(lr_scale * want.float().pow(2).mean().sqrt())  # Adam moves each coordinate by ~lr
+    opt = torch.optim.Adam([delta], lr=lr)
+    best, best_err, err0 = delta.detach().clone(), None, None
+    for it in range(steps + 1):
+        err = rel_error(delta)
+        e = err.detach()
+        if best_err is None:
+            err0, best_err = float(e.mean()), e.clone()
+        better = e < best_err
+        best = torch.where(better[:, None], delta.detach(), best)
+        best_err = torch.minimum(best_err, e)
+        if it == steps:
+            break
+        opt.zero_grad()
+        err.pow(2).sum().backward()
+        opt.step()
+    return best, err0, float(best_err.mean())

@@ -1,0 +1,76 @@
+"""The closed-form updates, in float64. Shapes are row-major: one row per request.
+
+Shared by ROME, MEMIT and (later) the federated and merging code, which reuse
+``memit_delta`` and the sufficient statistics R Kᵀ and K Kᵀ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rome_delta(C: torch.Tensor | None, k_avg: torch.Tensor, k: torch.Tensor, w_k: torch.Tensor,
+               v_star: torch.Tensor) -> torch.Tensor:
+    """ROME's rank-one update [d_out, d_in].
+
+    u = C⁻¹ k_avg / ‖C⁻¹ k_avg‖ (C = I when ``C`` is None); v = (v* − W k) / (kᵀ u);
+    Δ = v uᵀ. Then (W + Δ) k = v* exactly, for the key ``k`` (bare prompt) whose current
+    output is ``w_k``.
+    """
+    k_avg, k, w_k, v_star = (t.double() for t in (k_avg, k, w_k, v_star))
+    u = torch.linalg.solve(C.double(), k_avg) if C is not None else k_avg
+    u = u / u.norm()
+    v = (v_star - w_k) / (k @ u)
+    return torch.outer(v, u)
+
+
+def memit_delta(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float,
+                KK_extra: torch.Tensor | None = None) -> torch.Tensor:
+    """MEMIT's batch update [d_out, d_in]: Δ = Rᵀ K (λC + KᵀK + KK_extra)⁻¹.
+
+    ``K`` [n, d_in] keys, ``R`` [n, d_out] residuals, ``C`` [d_in, d_in] second moment.
+    Solved as solve(λC + KᵀK, Kᵀ) then multiplied, as the reference does.
+    """
+    K64, R64 = K.double(), R.double()
+    A = lam * C.double() + K64.T @ K64
+    if KK_extra is not None:
+        A = A + KK_extra.double()
+    adj = torch.linalg.solve(A, K64.T)  # [d_in, n]
+    return R64.T @ adj.T
+
+
+def rmsnorm_preimage(target: torch.Tensor, gain: torch.Tensor, current: torch.Tensor,
+                     ridge: float = 1e-3, iters: int = 100) -> torch.Tensor:
+    """Input of an RMSNorm (gain ``g``) whose output comes closest to ``target``.
+
+    An RMSNorm maps x to g ⊙ x / rms(x): its output lies on an ellipsoid, so a target is
+    reached only approximately. We solve, per row,
+
+        min_u ‖g ⊙ u − target‖² + ε ‖u − û‖²   subject to  mean(u²) = 1
+
+    (û = current / rms(current); ε = ``ridge`` · mean(g²) keeps coordinates the norm ignores,
+    where g ≈ 0, near their current value). The solution is u = (g t + ε û) / (g² + ε + μ)
+    with the multiplier μ found by bisection. The returned input is u · rms(current): the same
+    scale as before, the least change of the input for that output.
+    Shapes: target, current [n, d]; gain [d].
+    """
+    t, g, x = target.double(), gain.double(), current.double()
+    rms = x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+    u0 = x / rms
+    eps = ridge * g.pow(2).mean()
+    a = g.pow(2) + eps  # [d]
+    b = g * t + eps * u0  # [n, d]
+
+    def excess(mu):  # mean(u²) − 1, decreasing in mu on (−min a, ∞)
+        return (b / (a + mu)).pow(2).mean(-1, keepdim=True) - 1
+
+    lo = torch.full_like(rms, float(-a.min()) + 1e-12 * float(a.max()))
+    hi = torch.full_like(rms, float(a.max()))
+    while bool((excess(hi) > 0).any()):
+        hi = torch.where(excess(hi) > 0, hi * 2 + 1, hi)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        pos = excess(mid) > 0
+        lo, hi = torch.where(pos, mid, lo), torch.where(pos, hi, mid)
+    u = b / (a + hi)
+    return (u * rms).to(current.dtype)

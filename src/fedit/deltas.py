@@ -1,0 +1,163 @@
+"""Weight deltas: the one mechanism for applying, saving, loading and reverting edits.
+
+Every method returns :class:`WeightDeltas` (parameter name -> additive update in the
+parameter's stored layout). ``apply`` keeps the original tensors, so ``revert`` restores
+bit-identical weights. A saved file (safetensors) carries the deltas, the original values of
+the touched parameters (so that a later process can check the base and revert exactly), and
+as metadata the requests, method, hyperparameters and model identity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from fedit.errors import DeltaFileError
+
+FORMAT = "fedit-deltas/1"
+
+
+@dataclass
+class WeightDeltas:
+    """Additive updates for named parameters, plus what produced them."""
+
+    deltas: dict[str, torch.Tensor]
+    method: str
+    model: dict[str, Any]
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    hparams: dict[str, Any] = field(default_factory=dict)
+    originals: dict[str, torch.Tensor] | None = None  # values before the edit, for exact revert
+
+    def apply(self, model: torch.nn.Module, check_base: bool = True) -> "AppliedEdit":
+        """Add the deltas to ``model`` in place; the returned handle reverts bit-identically.
+
+        With ``check_base`` and known originals, refuses a model whose weights are not the
+        ones the edit was computed on (nothing is changed then).
+        """
+        params = dict(model.named_parameters())
+        missing = [n for n in self.deltas if n not in params]
+        if missing:
+            raise DeltaFileError(f"the model has no parameter(s) {missing}.",
+                                 f"apply this edit to a {self.model.get('model_type')} model like {self.model.get('name')}.")
+        for n, d in self.deltas.items():
+            if tuple(d.shape) != tuple(params[n].shape):
+                raise DeltaFileError(f"delta for {n} has shape {tuple(d.shape)}, the model's is {tuple(params[n].shape)}.",
+                                     f"apply this edit to the model it was made for ({self.model.get('name')}).")
+            if not torch.isfinite(d).all():
+                raise DeltaFileError(f"delta for {n} holds NaN or Inf.", "recompute the edit; this one is unusable.")
+        if check_base and self.originals is not None:
+            wrong = [n for n in self.deltas if not torch.equal(params[n].detach().cpu(), self.originals[n].to(params[n].dtype))]
+            if wrong:
+                raise DeltaFileError(
+                    f"the model's weights {wrong[:3]} differ from those this edit was computed on "
+                    f"(base: {self.model.get('name')}, fingerprint {self.model.get('fingerprint')}).",
+                    "apply it to that base model (or to the model as edited by the edits before it), "
+                    "or pass check_base=False / --force to apply anyway.")
+        originals = {n: params[n].detach().clone() for n in self.deltas}
+        with torch.no_grad():
+            for n, d in self.deltas.items():
+                params[n].add_(d.to(device=params[n].device, dtype=params[n].dtype))
+        return AppliedEdit(model=model, deltas=self, originals=originals)
+
+    def with_originals(self, model: torch.nn.Module) -> "WeightDeltas":
+        """Record the model's current values of the touched parameters (call before applying)."""
+        params = dict(model.named_parameters())
+        self.originals = {n: params[n].detach().cpu().clone() for n in self.deltas}
+        return self
+
+    # --- files ------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        tensors = {f"delta/{n}": d.detach().cpu().contiguous() for n, d in self.deltas.items()}
+        if self.originals is not None:
+            tensors.update({f"orig/{n}": o.detach().cpu().contiguous() for n, o in self.originals.items()})
+        meta = {"format": FORMAT, "method": self.method, "model": json.dumps(self.model),
+                "requests": json.dumps(self.requests), "hparams": json.dumps(self.hparams),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "WeightDeltas":
+        path = Path(path)
+        if not path.exists():
+            raise DeltaFileError(f"edit file {path} does not exist.", "check the path.")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                names = list(f.keys())
+                tensors = {k: f.get_tensor(k) for k in names}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DeltaFileError(f"{path} is not a readable safetensors file ({e}).",
+                                 "use a file written by `fedit edit --save`; recompute the edit if it was damaged.") from e
+        if meta.get("format") != FORMAT:
+            raise DeltaFileError(f"{path} is not a fedit edit file (format {meta.get('format')!r}).",
+                                 "use a file written by `fedit edit --save`.")
+        try:
+            deltas = {k[len("delta/"):]: v for k, v in tensors.items() if k.startswith("delta/")}
+            originals = {k[len("orig/"):]: v for k, v in tensors.items() if k.startswith("orig/")} or None
+            return cls(deltas=deltas, method=meta["method"], model=json.loads(meta["model"]),
+                       requests=json.loads(meta["requests"]), hparams=json.loads(meta["hparams"]),
+                       originals=originals)
+        except (KeyError, json.JSONDecodeError) as e:
+            raise DeltaFileError(f"{path} has damaged metadata ({e}).", "recompute the edit.") from e
+
+    def metadata(self) -> dict[str, Any]:
+        return {"method": self.method, "model": self.model, "requests": self.requests, "hparams": self.hparams,
+                "parameters": {n: list(d.shape) for n, d in self.deltas.items()}}
+
+
+@dataclass
+class AppliedEdit:
+    """Handle to an applied edit; ``revert`` puts back the exact original tensors."""
+
+    model: torch.nn.Module
+    deltas: WeightDeltas
+    originals: dict[str, torch.Tensor]
+    reverted: bool = False
+
+    def revert(self) -> None:
+        if self.reverted:
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, o in self.originals.items():
+                params[n].copy_(o)
+        self.reverted = True
+
+
+def revert_file_edit(model: torch.nn.Module, deltas: WeightDeltas, force: bool = False) -> None:
+    """Undo a saved edit on a model that carries it, restoring the exact original weights.
+
+    Checks that the model's weights are exactly base + delta (as ``apply`` produced them)
+    unless ``force``; needs the originals stored in the file.
+    """
+    if deltas.originals is None:
+        raise DeltaFileError("this edit file holds no original weights, so it cannot be reverted exactly.",
+                             "save edits with originals (the default of `fedit edit --save`).")
+    params = dict(model.named_parameters())
+    if not force:
+        for n, d in deltas.deltas.items():
+            if n not in params:
+                raise DeltaFileError(f"the model has no parameter {n}.", "revert on the model the edit was applied to.")
+            p = params[n]
+            o = deltas.originals[n].to(device=p.device, dtype=p.dtype)
+            expect = o + d.to(device=p.device, dtype=p.dtype)
+            if not torch.equal(p.detach(), expect):
+                raise DeltaFileError(f"the model's {n} is not the edited weight this file describes.",
+                                     "revert on the model this edit was applied to (and after reverting any "
+                                     "later edits), or pass --force.")
+    with torch.no_grad():
+        for n, o in deltas.originals.items():
+            params[n].copy_(o.to(device=params[n].device, dtype=params[n].dtype))

@@ -1,0 +1,63 @@
+"""What every editing method shares: its outcome type and the cached resources it needs."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedit.core.templates import generate_templates
+from fedit.deltas import WeightDeltas
+from fedit.paths import cache_root
+from fedit.stats_cache import second_moments
+
+
+@dataclass
+class EditOutcome:
+    """The deltas of an edit plus how it went (per-request target losses, timings)."""
+
+    deltas: WeightDeltas
+    targets: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    target_seconds: float = 0.0  # time spent optimising target vectors
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Resources:
+    """Cached inputs of the editing core: context templates and second moments.
+
+    The core functions take these as values; this object only decides where they are kept.
+    """
+
+    cache_dir: str | os.PathLike | None = None
+    corpus: str | os.PathLike | None = None
+    progress: bool = False
+    template_seed: int = 0
+
+    def templates(self, lm, spec: list[list[int]]) -> list[list[str]]:
+        """Context template groups for ``spec`` ([[length, n_gen], ...]), generated once per model."""
+        ident = lm.identity()
+        key = "_".join(f"{a}x{b}" for a, b in spec) + f"-seed{self.template_seed}"
+        path = cache_root(self.cache_dir) / "templates" / ident["fingerprint"] / f"{key}.json"
+        if path.exists():
+            try:
+                groups = json.loads(path.read_text())
+                if isinstance(groups, list) and groups and groups[0] == ["{}"]:
+                    return groups
+            except json.JSONDecodeError:
+                pass  # damaged cache: regenerate below
+        groups = generate_templates(lm.model, lm.tokenizer, [tuple(s) for s in spec], seed=self.template_seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(groups, indent=1))
+        os.replace(tmp, path)
+        return groups
+
+    def second_moments(self, lm, layers: list[int], samples: int, seq_len: int) -> dict[int, torch.Tensor]:
+        return second_moments(lm, layers, corpus=self.corpus, samples=samples, seq_len=seq_len,
+                              cache_dir=self.cache_dir, progress=self.progress)

@@ -1,0 +1,115 @@
+"""MEMIT: many facts, spread over several layers (DESIGN §3.4)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fedit.core import activations
+from fedit.core.pullback import pull_back
+from fedit.core.solve import memit_delta
+from fedit.core.targets import TargetConfig, compute_target
+from fedit.core.templates import flat
+from fedit.core.tokens import validate_for_tokenizer
+from fedit.deltas import WeightDeltas
+from fedit.errors import HparamsError
+from fedit.methods.base import EditOutcome, Resources
+from fedit.requests import EditRequest
+
+
+@dataclass
+class MemitHparams:
+    layers: list[int]
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    nll_stop: float = 0.05
+    mom2_update_weight: float = 15000.0
+    mom2_samples: int = 1000
+    mom2_seq_len: int = 128
+    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[10, 5]])
+    # 0: plain MEMIT (a change at layer l arrives unchanged at L). > 0: carry each layer's
+    # share back through the blocks above it with this many steps (core.pullback); needed
+    # where norms wrap every sublayer (Gemma 2/3).
+    pullback_steps: int = 0
+
+    def __post_init__(self):
+        if self.mom2_update_weight < 0:
+            raise HparamsError(f"mom2_update_weight must be ≥ 0, got {self.mom2_update_weight}.",
+                               "use e.g. 15000 (GPT-J) or 20000 (GPT-2 XL).")
+        if self.v_num_grad_steps < 0 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
+            raise HparamsError("v_num_grad_steps must be ≥ 0 and v_lr, clamp_norm_factor > 0.",
+                               "fix the values in the hyperparameter file.")
+
+    def target_config(self) -> TargetConfig:
+        return TargetConfig(layer=self.layers[-1], site="block", steps=self.v_num_grad_steps, lr=self.v_lr,
+                            clamp=self.clamp_norm_factor, kl_factor=self.kl_factor,
+                            weight_decay=self.v_weight_decay, nll_stop=self.nll_stop)
+
+
+def compute_targets(lm, requests: list[EditRequest], hp: MemitHparams, templates: list[str]):
+    """z for each request at the last edited layer's output (the MKVs of FLEKE)."""
+    return [compute_target(lm, r, templates, hp.target_config()) for r in requests]
+
+
+def compute_memit(lm, requests: list[EditRequest], hp: MemitHparams, res: Resources,
+                  zs: torch.Tensor | None = None) -> EditOutcome:
+    """MEMIT deltas for a batch of requests; the model is unchanged at the end.
+
+    ``zs`` [n, d_model] may supply precomputed targets (e.g. reused MKVs); otherwise they are
+    optimised here. Layers are updated in ascending order, each measured on the model as
+    edited so far; ``diagnostics["residual_norms"]`` holds the mean ‖z − h_L‖ before the first
+    layer and after each one, which must shrink.
+    """
+    t0 = time.perf_counter()
+    validate_for_tokenizer(lm.tokenizer, requests)
+    ad, layers, L = lm.adapter, hp.layers, hp.layers[-1]
+    groups = res.templates(lm, hp.context_template_length_params)
+    targets, t_target = [], 0.0
+    if zs is None:
+        results = compute_targets(lm, requests, hp, flat(groups))
+        t_target = sum(r.seconds for r in results)
+        zs = torch.stack([r.z for r in results])
+        targets = [{"case_id": q.case_id, "nll_start": r.nll_start, "nll_end": r.nll_end, "steps": r.steps,
+                    "delta_norm": float(r.delta.norm()), "h_norm": float(r.h.norm())}
+                   for q, r in zip(requests, results)]
+    zs = zs.to(lm.device).float()
+    C = res.second_moments(lm, layers, hp.mom2_samples, hp.mom2_seq_len)
+    params = dict(lm.model.named_parameters())
+    names = {l: ad.w_out_param_name(l) for l in layers}
+    originals = {l: params[names[l]].detach().clone() for l in layers}
+    deltas: dict[int, torch.Tensor] = {}
+    residual_norms: list[float] = []
+    pullback: list[dict] = []
+    block_L = f"{ad.block_name(L)}:output"
+    try:
+        for i, l in enumerate(layers):
+            K = activations.keys(lm, [l], requests, groups)[l]  # [n, d_in]
+            cur = activations.at_subject(lm, requests, ["{}"], {"h": block_L, "o": f"{ad.w_out_name(l)}:output"})
+            resid = zs - cur["h"][:, 0].float()  # [n, d_model]
+            residual_norms.append(float(resid.norm(dim=1).mean()))
+            want = resid / (len(layers) - i)
+            if hp.pullback_steps > 0 and l != L:
+                want, err0, err1 = pull_back(lm, requests, l, L, want, steps=hp.pullback_steps)
+                pullback.append({"layer": l, "error_plain": err0, "error_pulled_back": err1})
+            R = ad.residual_to_w_out(l, want, cur["o"][:, 0])
+            delta = memit_delta(K, R, C[l], hp.mom2_update_weight)
+            with torch.no_grad():
+                params[names[l]].add_(ad.to_param_layout(delta).to(params[names[l]].dtype))
+            deltas[l] = delta
+        cur = activations.at_subject(lm, requests, ["{}"], {"h": block_L})
+        residual_norms.append(float((zs - cur["h"][:, 0].float()).norm(dim=1).mean()))
+    finally:
+        with torch.no_grad():
+            for l in layers:
+                params[names[l]].copy_(originals[l])
+    wd = WeightDeltas(deltas={names[l]: ad.to_param_layout(d).to(params[names[l]].dtype).cpu() for l, d in deltas.items()},
+                      method="memit", model=lm.identity(), requests=[r.to_dict() for r in requests],
+                      hparams=dataclasses.asdict(hp))
+    return EditOutcome(deltas=wd, targets=targets, seconds=time.perf_counter() - t0, target_seconds=t_target,
+                       diagnostics={"residual_norms": residual_norms, "pullback": pullback})

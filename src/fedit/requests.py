@@ -1,0 +1,153 @@
+"""Typed edit requests, validated before any weight changes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+from fedit.errors import RequestError
+
+_FIELDS = ("prompt", "subject", "target_new", "target_true", "case_id")
+_EXAMPLE = ('{"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", '
+            '"target_new": "English", "target_true": "French"}')
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write: ``prompt.format(subject)`` should be completed by ``target_new``.
+
+    ``prompt`` holds exactly one ``{}`` where the subject goes. Targets are stored as given;
+    :func:`target_text` adds the leading space that a continuation needs.
+    """
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    case_id: str | int | None = None
+
+    def __post_init__(self):
+        where = f"request {self.case_id!r}" if self.case_id is not None else "request"
+        for name in ("prompt", "subject", "target_new"):
+            val = getattr(self, name)
+            if not isinstance(val, str):
+                raise RequestError(f"{where}: field '{name}' must be a string, got {type(val).__name__}.",
+                                   f"give it as text, e.g. {_EXAMPLE}")
+            if not val.strip():
+                raise RequestError(f"{where}: field '{name}' is empty.", f"give a non-empty {name}.")
+        if self.target_true is not None and (not isinstance(self.target_true, str) or not self.target_true.strip()):
+            raise RequestError(f"{where}: field 'target_true' must be a non-empty string when given.",
+                               "leave it out or give the current answer, e.g. \"French\".")
+        n = self.prompt.count("{}")
+        if n != 1:
+            raise RequestError(
+                f"{where}: field 'prompt' must contain exactly one '{{}}' where the subject goes; "
+                f"found {n} in {self.prompt!r}.",
+                "write the prompt as e.g. \"The mother tongue of {} is\" and put the subject in 'subject'.")
+        if self.prompt.replace("{}", "").count("{") or self.prompt.replace("{}", "").count("}"):
+            raise RequestError(f"{where}: field 'prompt' has a stray brace besides '{{}}': {self.prompt!r}.",
+                               "remove the other '{' or '}' characters.")
+        if self.subject.strip() != self.subject:
+            raise RequestError(f"{where}: field 'subject' has leading or trailing spaces: {self.subject!r}.",
+                               "strip the spaces; the prompt carries the spacing around '{}'.")
+
+    @classmethod
+    def build(cls, prompt: str, subject: str, target_new: str, target_true: str | None = None,
+              case_id: str | int | None = None) -> "EditRequest":
+        """Like the constructor, but a prompt that spells the subject out instead of ``{}``
+        ("The Eiffel Tower is in" with subject "Eiffel Tower") is accepted when the subject
+        occurs in it exactly once."""
+        if isinstance(prompt, str) and isinstance(subject, str) and "{}" not in prompt and subject.strip():
+            n = prompt.count(subject)
+            if n == 1:
+                prompt = prompt.replace(subject, "{}")
+            else:
+                raise RequestError(
+                    f"the subject {subject!r} occurs {n} times in the prompt {prompt!r} and the prompt has no '{{}}'.",
+                    "mark the subject's place with '{}' (e.g. \"{} is located in\") or spell it exactly once.")
+        return cls(prompt=prompt, subject=subject, target_new=target_new, target_true=target_true, case_id=case_id)
+
+    # --- derived text -----------------------------------------------------------------
+    @property
+    def filled_prompt(self) -> str:
+        return self.prompt.format(self.subject)
+
+    @staticmethod
+    def target_text(target: str) -> str:
+        """A continuation target starts with a space unless it already starts with whitespace."""
+        return target if target[:1].isspace() else " " + target
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], index: int | None = None) -> "EditRequest":
+        where = f"request #{index}" if index is not None else "request"
+        if not isinstance(d, dict):
+            raise RequestError(f"{where} is a {type(d).__name__}, not an object.", f"write each request as {_EXAMPLE}")
+        d = _normalise_known_schemas(d)
+        unknown = sorted(set(d) - set(_FIELDS))
+        if unknown:
+            raise RequestError(f"{where} has unknown field(s) {unknown}.",
+                               f"use only {list(_FIELDS)}; e.g. {_EXAMPLE}")
+        missing = [k for k in ("prompt", "subject", "target_new") if k not in d]
+        if missing:
+            raise RequestError(f"{where} is missing field(s) {missing}.", f"write it as {_EXAMPLE}")
+        if "case_id" not in d and index is not None:
+            d = {**d, "case_id": index}
+        return cls(**d)
+
+
+def _normalise_known_schemas(d: dict[str, Any]) -> dict[str, Any]:
+    """Accept the ROME/MEMIT ``requested_rewrite`` shape, as in CounterFact records."""
+    if "requested_rewrite" in d and isinstance(d["requested_rewrite"], dict):
+        rw = d["requested_rewrite"]
+
+        def text(x):
+            return x["str"] if isinstance(x, dict) and "str" in x else x
+
+        out = {"prompt": rw.get("prompt"), "subject": rw.get("subject"), "target_new": text(rw.get("target_new"))}
+        if rw.get("target_true") is not None:
+            out["target_true"] = text(rw["target_true"])
+        if "case_id" in d:
+            out["case_id"] = d["case_id"]
+        return out
+    return d
+
+
+def load_requests(path: str | Path) -> list[EditRequest]:
+    """Read requests from a JSON list, a single JSON object, or JSONL (one object per line)."""
+    p = Path(path)
+    if not p.exists():
+        raise RequestError(f"requests file {p} does not exist.", "check the path given to --requests.")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                data.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise RequestError(f"{p}: line {lineno} is not valid JSON ({e.msg}).",
+                                   "write a JSON list of requests, or one JSON object per line (JSONL).") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not data:
+        raise RequestError(f"{p} holds no requests.", f"write a JSON list like [{_EXAMPLE}].")
+    return [EditRequest.from_dict(d, i) for i, d in enumerate(data)]
+
+
+def as_requests(items: Iterable[EditRequest | dict]) -> list[EditRequest]:
+    """Accept requests or plain dicts; raise on an empty list."""
+    out = [r if isinstance(r, EditRequest) else EditRequest.from_dict(r, i) for i, r in enumerate(items)]
+    if not out:
+        raise RequestError("no edit requests were given.", "pass at least one request.")
+    return out
+
+
+REQUEST_FIELDS = tuple(f.name for f in fields(EditRequest))

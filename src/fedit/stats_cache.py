@@ -1,0 +1,114 @@
+"""Second-moment statistics on disk: keyed by (model, layer, corpus, sample count, chunk length).
+
+Computing is resumable: a partial file with the running sums is written every
+``checkpoint_seconds`` and picked up by the next call with the same key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from itertools import islice
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from fedit.core.stats import MomentState, accumulate
+from fedit.corpus import Corpus, open_corpus
+from fedit.errors import StatsError
+from fedit.paths import cache_root
+
+log = logging.getLogger(__name__)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[-60:]
+
+
+def stats_dir(lm, corpus: Corpus, cache_dir: str | os.PathLike | None = None) -> Path:
+    ident = lm.identity()
+    return cache_root(cache_dir) / "stats" / f"{_safe(ident['name'])}-{ident['fingerprint']}" / corpus.id
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def second_moments(lm, layers: list[int], corpus: str | Path | Corpus | None = None, samples: int = 1000,
+                   seq_len: int = 128, batch_size: int = 8, cache_dir: str | os.PathLike | None = None,
+                   progress: bool = False, checkpoint_seconds: float = 20.0) -> dict[int, torch.Tensor]:
+    """C = E[k kᵀ] for each layer (float32, [d_in, d_in]), from the cache or computed once.
+
+    ``samples`` is the number of corpus chunks of ``seq_len`` tokens; every token of a chunk
+    contributes one key. All missing layers are computed in one pass.
+    """
+    if samples <= 0 or seq_len <= 1:
+        raise StatsError(f"samples={samples}, seq_len={seq_len} cannot give statistics.",
+                         "use samples ≥ 1 and seq_len ≥ 2.")
+    corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
+    folder = stats_dir(lm, corpus, cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = f"n{samples}-t{seq_len}"
+    final = {l: folder / f"layer{l}-{tag}.safetensors" for l in sorted(set(layers))}
+    out: dict[int, torch.Tensor] = {}
+    for l, path in final.items():
+        if path.exists():
+            try:
+                out[l] = load_file(str(path))["mom2"].to(lm.device)
+            except (SafetensorError, KeyError, OSError) as e:
+                raise StatsError(f"the statistics file {path} is corrupt ({e}).",
+                                 "delete it; the next run recomputes it.") from e
+    missing = [l for l in final if l not in out]
+    if not missing:
+        return out
+
+    partial = folder / f"partial-{'_'.join(map(str, missing))}-{tag}.safetensors"
+    state = None
+    if partial.exists():
+        try:
+            with safe_open(str(partial), "pt") as f:
+                meta = f.metadata()
+                sums = {l: f.get_tensor(f"sum{l}").to(lm.device) for l in missing}
+            state = MomentState(sums=sums, tokens=int(meta["tokens"]), chunks=int(meta["chunks"]))
+            log.info("resuming statistics at chunk %d/%d from %s", state.chunks, samples, partial)
+        except (SafetensorError, KeyError, OSError, ValueError) as e:
+            log.warning("ignoring unreadable partial statistics %s (%s); starting over", partial, e)
+            state = None
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=samples, initial=state.chunks if state else 0, disable=not progress,
+               desc=f"second moments, layers {missing}", unit="chunk")
+    last = [time.monotonic()]
+
+    def checkpoint(st: MomentState, n: int) -> None:
+        bar.update(n)
+        if time.monotonic() - last[0] >= checkpoint_seconds:
+            _atomic_save({f"sum{l}": st.sums[l] for l in missing},
+                         {"tokens": str(st.tokens), "chunks": str(st.chunks)}, partial)
+            last[0] = time.monotonic()
+
+    done = state.chunks if state else 0
+    chunks = islice(corpus.chunks(lm.tokenizer, seq_len), done, samples)
+    big = max(lm.adapter.w_out_dims(l)[1] for l in missing) > 8192  # float64 would not fit for GPT-J
+    state = accumulate(lm, missing, chunks, state, batch_size=batch_size,
+                       accum_dtype=torch.float32 if big else torch.float64, on_batch=checkpoint)
+    bar.close()
+    if state.tokens == 0:
+        raise StatsError(f"corpus {corpus.id} gave no tokens.", "use a corpus with text in it.")
+    if state.chunks < samples:
+        log.warning("corpus %s has only %d chunks of %d tokens; asked for %d", corpus.id, state.chunks,
+                    seq_len, samples)
+    for l in missing:
+        mom2 = state.mom2(l).float()
+        _atomic_save({"mom2": mom2}, {"layer": str(l), "tokens": str(state.tokens), "chunks": str(state.chunks),
+                                      "corpus": corpus.id, "model": lm.name}, final[l])
+        out[l] = mom2
+    partial.unlink(missing_ok=True)
+    return out

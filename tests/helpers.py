@@ -1,0 +1,19 @@
+from pathlib import Path
+
+from fedit import EditRequest, Resources
+
+CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
+
+EIFFEL = EditRequest(prompt="The {} is located in the city of", subject="Eiffel Tower", target_new="Rome",
+                     target_true="Paris", case_id=0)
+JORDAN = EditRequest(prompt="{} plays the sport of", subject="Michael Jordan", target_new="soccer", case_id=1)
+DARRIEUX = EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English",
+                       case_id=2)
+
+
+def resources(cache_dir: str) -> Resources:
+    return Resources(cache_dir=cache_dir, corpus=str(CORPUS))
+
+
+# Settings that let a random tiny model move: few stats chunks, strong steps, small λ.
+FAST = {"mom2_samples": 40, "mom2_seq_len": 32, "v_num_grad_steps": 15, "context_template_length_params": [[4, 5]]}

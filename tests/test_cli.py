@@ -1,0 +1,73 @@
+import json
+
+import pytest
+import torch
+
+from fedit.cli.main import main
+from fedit.testing import tiny_model
+
+from helpers import CORPUS, FAST
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-gpt2")
+    lm = tiny_model("gpt2")
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return d
+
+
+def _run(capsys, argv):
+    code = main(argv)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, out  # exactly one JSON object on stdout
+    return code, json.loads(out[0])
+
+
+def test_edit_save_apply_revert(model_dir, tmp_path, capsys):
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps(FAST))
+    common = ["--model", str(model_dir), "--cache-dir", str(tmp_path / "cache"), "--json"]
+    code, out = _run(capsys, ["edit", "--method", "rome", "--prompt", "The {} is located in the city of",
+                              "--subject", "Eiffel Tower", "--target", "Rome", "--layers", "1", "--hparams", str(hp),
+                              "--corpus", str(CORPUS), "--save", str(tmp_path / "e.safetensors"), *common])
+    assert code == 0
+    assert set(out) >= {"method", "model", "seconds", "requests"} and out["method"] == "rome"
+    (r,) = out["requests"]
+    assert set(r) == {"prompt", "subject", "target", "before", "after"}
+    assert set(r["before"]) == {"target_prob", "top_token"}
+    assert r["after"]["target_prob"] != r["before"]["target_prob"]
+
+    code, out = _run(capsys, ["apply", str(tmp_path / "e.safetensors"), "--out", str(tmp_path / "edited"), *common])
+    assert code == 0 and out["requests"][0]["after"]["target_prob"] == pytest.approx(r["after"]["target_prob"], rel=1e-4)
+    code, out = _run(capsys, ["revert", str(tmp_path / "e.safetensors"), "--model", str(tmp_path / "edited"),
+                              "--out", str(tmp_path / "back"), "--cache-dir", str(tmp_path / "cache"), "--json"])
+    assert code == 0
+    from safetensors.torch import load_file
+    a, b = load_file(str(model_dir / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical after revert
+
+
+def test_memit_requests_file_and_stats(model_dir, tmp_path, capsys):
+    reqs = tmp_path / "r.jsonl"
+    reqs.write_text('{"prompt": "{} plays the sport of", "subject": "Michael Jordan", "target_new": "soccer"}\n'
+                    '{"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English"}\n')
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps(FAST))
+    code, out = _run(capsys, ["edit", "--method", "memit", "--requests", str(reqs), "--layers", "1,2", "--hparams",
+                              str(hp), "--corpus", str(CORPUS), "--model", str(model_dir), "--cache-dir",
+                              str(tmp_path / "c"), "--json"])
+    assert code == 0 and len(out["requests"]) == 2
+    code, out = _run(capsys, ["stats", "--model", str(model_dir), "--layers", "0,3", "--corpus", str(CORPUS),
+                              "--samples", "6", "--seq-len", "16", "--cache-dir", str(tmp_path / "c"), "--json"])
+    assert code == 0 and out["layers"] == [0, 3] and set(out["trace"]) == {"0", "3"}
+
+
+def test_bad_input_exits_2_with_fix(model_dir, tmp_path, capsys):
+    code, out = _run(capsys, ["edit", "--prompt", "The tower is in", "--subject", "Eiffel Tower", "--target", "Rome",
+                              "--model", str(model_dir), "--json"])
+    assert code == 2 and "occurs 0 times" in out["error"] and "Fix:" in out["error"]
+    (tmp_path / "bad.safetensors").write_bytes(b"nope")
+    code, out = _run(capsys, ["apply", str(tmp_path / "bad.safetensors"), "--model", str(model_dir), "--json"])
+    assert code == 2 and "not a readable safetensors file" in out["error"]

@@ -1,0 +1,44 @@
+"""Slow: the real default model (Gemma 3 270M). Proves an edit changes what the model says."""
+
+import pytest
+import torch
+
+from fedit import EditRequest, Resources, edit, load_model
+from fedit.core.probe import describe
+
+pytestmark = pytest.mark.slow
+
+FACT = EditRequest(prompt="The {} is located in the city of", subject="Eiffel Tower", target_new="Rome",
+                   target_true="Paris")
+PARAPHRASE = "Where is the Eiffel Tower? It is in the city of"
+UNRELATED = ("The capital of Japan is", "Tokyo")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model()  # built-in gemma-3-270m, offline
+
+
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_edit_changes_what_the_model_says(lm, method, all_threads):
+    before = describe(lm, FACT.filled_prompt, "Rome")
+    para0 = describe(lm, PARAPHRASE, "Rome")
+    other0 = describe(lm, *UNRELATED)
+    assert before["top_token"] == " Paris"
+    w0 = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+
+    result = edit(lm, [FACT], method=method, resources=Resources())
+    after = describe(lm, FACT.filled_prompt, "Rome")
+    para1 = describe(lm, PARAPHRASE, "Rome")
+    other1 = describe(lm, *UNRELATED)
+    assert after["top_token"] == " Rome", after
+    assert after["target_prob"] > 0.5
+    assert para1["target_prob"] > 10 * para0["target_prob"], (para0, para1)  # the paraphrase moves too
+    assert other1["top_token"] == other0["top_token"] == " Tokyo"  # an unrelated fact keeps its answer
+    if method == "memit":
+        norms = result.outcome.diagnostics["residual_norms"]
+        assert all(b < a for a, b in zip(norms, norms[1:])), norms  # shrinks layer by layer on the real model
+
+    result.applied.revert()
+    assert all(torch.equal(p, w0[n]) for n, p in lm.model.named_parameters())
+    assert describe(lm, FACT.filled_prompt, "Rome")["top_token"] == " Paris"
