@@ -149,3 +149,20 @@ def test_reusing_lower_blocks_gives_the_same_optimisation(arch, site, tiny_cache
     slow = compute_target(lm, EIFFEL, templates, dataclasses.replace(cfg, reuse_lower=False))
     assert torch.allclose(torch.tensor(fast.history), torch.tensor(slow.history), rtol=1e-4, atol=1e-5)
     assert torch.allclose(fast.z, slow.z, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, stop", [("gpt2", 10.5), ("gemma3_text", 10.2)])
+def test_batched_targets_equal_one_at_a_time(arch, stop, tiny_cache):
+    from fedit.core.targets import compute_targets
+
+    lm = tiny_model(arch)
+    # nll_stop chosen so that in this batch one request stops early and another never does.
+    hp = hparams_for("memit", lm, {**FAST, "layers": [1, 2], "v_lr": 1.0, "nll_stop": stop})
+    templates = flat(resources(tiny_cache).templates(lm, hp.context_template_length_params))
+    reqs = [EIFFEL, JORDAN, DARRIEUX]  # different target lengths and prompt lengths
+    together = compute_targets(lm, reqs, templates, hp.target_config(), batch_size=3)
+    alone = [compute_target(lm, r, templates, hp.target_config()) for r in reqs]
+    assert len({r.steps for r in alone}) >= 2
+    for a, b in zip(together, alone):
+        assert a.steps == b.steps and len(a.history) == len(b.history)
+        assert torch.allclose(a.z, b.z, rtol=1e-3, atol=1e-4 * float(b.z.norm())), (a.z - b.z).norm()

@@ -65,56 +65,86 @@ def _site_module(lm, cfg: TargetConfig):
 
 
 def compute_target(lm, request: EditRequest, templates: list[str], cfg: TargetConfig) -> TargetResult:
-    """Optimise δ for one request. ``templates[0]`` must be the bare ``"{}"`` template.
+    """Optimise δ for one request (see :func:`compute_targets`)."""
+    return compute_targets(lm, [request], templates, cfg)[0]
 
-    The model is not changed. Returns z (and the h it started from) at ``cfg.site``.
+
+def compute_targets(lm, requests: list[EditRequest], templates: list[str], cfg: TargetConfig,
+                    batch_size: int = 16) -> list[TargetResult]:
+    """Optimise one δ per request, ``batch_size`` requests per forward pass.
+
+    ``templates[0]`` must be the bare ``"{}"`` template. Requests in a batch are independent:
+    each has its own rows, its own δ, its own early stop and norm clamp, and Adam acts per
+    coordinate, so the result is the same as optimising them one at a time (up to float
+    noise). The model is not changed.
     """
+    out: list[TargetResult] = []
+    for s in range(0, len(requests), max(1, batch_size)):
+        out.extend(_optimise(lm, requests[s:s + batch_size], templates, cfg))
+    return out
+
+
+def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: TargetConfig) -> list[TargetResult]:
     t0 = time.perf_counter()
     tok, ad, dev = lm.tokenizer, lm.adapter, lm.device
-    tgt = target_ids(tok, request.target_new)
-    m = len(tgt)
+    n, R = len(requests), len(templates)
+    tgts = [target_ids(tok, r.target_new) for r in requests]
 
-    # Rows: every template + prompt + target[:-1], then the KL prompt.
-    rw = subject_batch(tok, templates, [request], suffix_ids=[tgt[:-1]])
-    kl_text = request.subject.join(cfg.kl_prompt.split("{}", 1))
-    kl_ids, kl_idx = last_token_of_span(tok, kl_text, cfg.kl_prompt.index("{}") + len(request.subject))
-    seqs = [row[: int(n)].tolist() for row, n in zip(rw.input_ids, rw.lengths)] + [kl_ids]
+    # Rows: per request, every template + prompt + target[:-1]; then one KL row per request.
+    rw = subject_batch(tok, templates, requests, suffix_ids=[t[:-1] for t in tgts])
+    seqs = [row[: int(k)].tolist() for row, k in zip(rw.input_ids, rw.lengths)]
+    lookup = rw.lookup.tolist()
+    kl_cols = []
+    for r in requests:
+        kl_ids, kl_idx = last_token_of_span(tok, r.subject.join(cfg.kl_prompt.split("{}", 1)),
+                                            cfg.kl_prompt.index("{}") + len(r.subject))
+        seqs.append(kl_ids)
+        lookup.append(kl_idx)
+        kl_cols.append(len(kl_ids) - 1)
     ids, mask = pad(seqs, pad_id(tok))
     ids, mask = ids.to(dev), mask.to(dev)
-    lookup = torch.cat([rw.lookup, torch.tensor([kl_idx])]).to(dev)
-    R = len(templates)
+    owner = torch.cat([torch.arange(n).repeat_interleave(R), torch.arange(n)]).to(dev)  # request of each row
+    lookup_t = torch.tensor(lookup, device=dev)
+
     # Positions whose logits predict target tokens: prompt length P, target token j at P-1+j.
-    prompt_len = (rw.lengths - (m - 1)).to(dev)  # [R]
-    rows = torch.arange(R, device=dev).repeat_interleave(m)
-    cols = (prompt_len - 1).repeat_interleave(m) + torch.arange(m, device=dev).repeat(R)
-    tgt_t = torch.tensor(tgt, device=dev).repeat(R)
-    kl_row, kl_col = R, int(len(kl_ids) - 1)
+    rows, cols, toks, weight, req_of = [], [], [], [], []
+    for i, t in enumerate(tgts):
+        m = len(t)
+        for r in range(i * R, (i + 1) * R):
+            P = len(seqs[r]) - (m - 1)
+            rows += [r] * m
+            cols += list(range(P - 1, P - 1 + m))
+            toks += t
+            weight += [1.0 / (m * R)] * m  # mean over tokens, then over templates
+            req_of += [i] * m
+    rows, cols, toks = (torch.tensor(x, device=dev) for x in (rows, cols, toks))
+    weight, req_of = torch.tensor(weight, device=dev), torch.tensor(req_of, device=dev)
+    kl_rows = torch.arange(n * R, n * R + n, device=dev)
+    kl_cols_t = torch.tensor(kl_cols, device=dev)
 
     site = _site_module(lm, cfg)
-    d = None
     onehot = torch.zeros(ids.shape[0], ids.shape[1], 1, device=dev)
-    onehot[torch.arange(ids.shape[0], device=dev), lookup] = 1.0
+    onehot[torch.arange(ids.shape[0], device=dev), lookup_t] = 1.0
 
-    # Initial value at the site (bare prompt = row 0) and the unedited KL distribution.
+    # Initial values at the site (bare prompt = first row of each request), unedited KL targets.
     blocks = list(ad.blocks())
     start = cfg.layer  # first block whose output depends on δ
     with torch.no_grad(), capture({"site": site, "start": blocks[start]}, inputs=True) as st, \
             record_block_calls(blocks) as calls:
         final = ad.body()(input_ids=ids, attention_mask=mask).last_hidden_state
-    h = st["site"]["output"][0, lookup[0]].clone()
+    bare = torch.arange(n, device=dev) * R
+    h = st["site"]["output"][bare, lookup_t[bare]].float().clone()  # [n, d]
     start_input = st["start"]["input"]
-    d = h.shape[-1]
     with torch.no_grad():
-        kl_init = F.log_softmax(ad.logits(final[kl_row, kl_col]).float(), -1)
+        kl_init = F.log_softmax(ad.logits(final[kl_rows, kl_cols_t]).float(), -1)  # [n, V]
 
-    h = h.float()
-    delta = torch.zeros(d, device=dev, dtype=torch.float32, requires_grad=True)
+    delta = torch.zeros_like(h, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-    h_norm = h.norm()
+    h_norm = h.norm(dim=-1)  # [n]
     max_norm = cfg.clamp * h_norm
 
     def add_delta(out):
-        return out + (onehot * delta).to(out.dtype)
+        return out + (onehot * delta[owner][:, None, :]).to(out.dtype)
 
     def forward_final() -> torch.Tensor:
         with edit_output(site, add_delta):
@@ -125,27 +155,34 @@ def compute_target(lm, request: EditRequest, templates: list[str], cfg: TargetCo
                 return ad.final_norm()(x)
             return ad.body()(input_ids=ids, attention_mask=mask).last_hidden_state
 
-    history: list[float] = []
-    steps_run = 0
+    active = torch.ones(n, dtype=torch.bool, device=dev)
+    history: list[list[float]] = [[] for _ in range(n)]
+    steps = torch.zeros(n, dtype=torch.long)
     for it in range(cfg.steps + 1):
         final = forward_final()
-        logp = F.log_softmax(ad.logits(final[rows, cols]).float(), -1)  # [R*m, V]
-        nll = -logp.gather(1, tgt_t[:, None]).reshape(R, m).mean(1).mean()
-        kl_logp = F.log_softmax(ad.logits(final[kl_row, kl_col]).float(), -1)
-        kl = F.kl_div(kl_logp, kl_init, log_target=True, reduction="sum")  # KL(P_orig ‖ P_δ)
-        wd = cfg.weight_decay * delta.norm() / h_norm ** 2
+        logp = F.log_softmax(ad.logits(final[rows, cols]).float(), -1)  # [N, V]
+        tok_nll = -logp.gather(1, toks[:, None])[:, 0] * weight
+        nll = torch.zeros(n, device=dev).index_add(0, req_of, tok_nll)  # [n]
+        kl_logp = F.log_softmax(ad.logits(final[kl_rows, kl_cols_t]).float(), -1)
+        kl = (kl_init.exp() * (kl_init - kl_logp)).sum(-1)  # KL(P_orig ‖ P_δ), [n]
+        wd = cfg.weight_decay * delta.norm(dim=-1) / h_norm ** 2
         loss = nll + cfg.kl_factor * kl + wd
-        history.append(float(nll.detach()))
-        if history[-1] < cfg.nll_stop or it == cfg.steps:
+        for i in torch.nonzero(active).flatten().tolist():
+            history[i].append(float(nll[i].detach()))
+        active &= nll.detach() >= cfg.nll_stop
+        if it == cfg.steps or not bool(active.any()):
             break
+        frozen = delta.detach().clone()
         opt.zero_grad()
-        loss.backward()
+        (loss * active).sum().backward()
         opt.step()
-        steps_run += 1
+        steps += active.cpu().long()
         with torch.no_grad():
-            n = delta.norm()
-            if n > max_norm:
-                delta.mul_(max_norm / n)
+            delta[~active] = frozen[~active]  # stopped requests keep their δ (Adam's momentum aside)
+            norms = delta.norm(dim=-1)
+            over = norms > max_norm
+            delta[over] *= (max_norm[over] / norms[over])[:, None]
+    seconds = (time.perf_counter() - t0) / n
     z = (h + delta).detach()
-    return TargetResult(z=z, h=h.detach(), nll_start=history[0], nll_end=history[-1], steps=steps_run,
-                        seconds=time.perf_counter() - t0, history=history)
+    return [TargetResult(z=z[i], h=h[i], nll_start=history[i][0], nll_end=history[i][-1], steps=int(steps[i]),
+                         seconds=seconds, history=history[i]) for i in range(n)]

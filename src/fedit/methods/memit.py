@@ -11,7 +11,8 @@ import torch
 from fedit.core import activations
 from fedit.core.pullback import pull_back
 from fedit.core.solve import memit_delta
-from fedit.core.targets import TargetConfig, compute_target
+from fedit.core.targets import TargetConfig
+from fedit.core.targets import compute_targets as compute_targets_batched
 from fedit.core.templates import flat
 from fedit.core.tokens import validate_for_tokenizer
 from fedit.deltas import WeightDeltas
@@ -37,6 +38,7 @@ class MemitHparams:
     # share back through the blocks above it with this many steps (core.pullback); needed
     # where norms wrap every sublayer (Gemma 2/3).
     pullback_steps: int = 0
+    v_batch_size: int = 16  # requests optimised together in one forward pass (results do not depend on it)
 
     def __post_init__(self):
         if self.mom2_update_weight < 0:
@@ -54,7 +56,7 @@ class MemitHparams:
 
 def compute_targets(lm, requests: list[EditRequest], hp: MemitHparams, templates: list[str]):
     """z for each request at the last edited layer's output (the MKVs of FLEKE)."""
-    return [compute_target(lm, r, templates, hp.target_config()) for r in requests]
+    return compute_targets_batched(lm, requests, templates, hp.target_config(), batch_size=hp.v_batch_size)
 
 
 def compute_memit(lm, requests: list[EditRequest], hp: MemitHparams, res: Resources,
