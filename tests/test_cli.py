@@ -71,3 +71,23 @@ def test_bad_input_exits_2_with_fix(model_dir, tmp_path, capsys):
     (tmp_path / "bad.safetensors").write_bytes(b"nope")
     code, out = _run(capsys, ["apply", str(tmp_path / "bad.safetensors"), "--model", str(model_dir), "--json"])
     assert code == 2 and "not a readable safetensors file" in out["error"]
+
+
+def test_eval_command_writes_reports(model_dir, tmp_path, capsys):
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps({**FAST, "layers": [1, 2]}))
+    code, out = _run(capsys, ["eval", "--method", "memit", "--dataset", "counterfact", "--n", "3", "--fluency-n", "1",
+                              "--hparams", str(hp), "--corpus", str(CORPUS), "--model", str(model_dir),
+                              "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "rep"), "--json"])
+    assert code == 0
+    assert out["n"] == 3 and out["method"] == "memit" and out["dataset"] == "counterfact"
+    for k in ("efficacy_success", "paraphrase_success", "neighborhood_success", "score", "fluency"):
+        assert k in out["metrics"] and k in out["metrics_pre"]
+    assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "chart.png").exists()
+    code, out = _run(capsys, ["eval", "--method", "memit", "--dataset", "zsre", "--n", "2", "--hparams", str(hp),
+                              "--corpus", str(CORPUS), "--model", str(model_dir), "--cache-dir", str(tmp_path / "c"),
+                              "--out", str(tmp_path / "rep2"), "--json"])
+    assert code == 0 and {"efficacy_acc", "paraphrase_acc", "specificity_acc"} <= set(out["metrics"])
+    code, out = _run(capsys, ["eval", "--method", "memit", "--dataset", "nope", "--model", str(model_dir),
+                              "--out", str(tmp_path / "x"), "--json"])
+    assert code == 2 and "nope" in out["error"]

@@ -42,3 +42,15 @@ def test_edit_changes_what_the_model_says(lm, method, all_threads):
     result.applied.revert()
     assert all(torch.equal(p, w0[n]) for n, p in lm.model.named_parameters())
     assert describe(lm, FACT.filled_prompt, "Rome")["top_token"] == " Paris"
+
+
+def test_eval_few_counterfact_records_memit_beats_unedited(lm, all_threads):
+    from fedit.data.loaders import load_dataset
+    from fedit.evaluate.runner import EvalConfig, evaluate
+
+    records = load_dataset("counterfact", n=4)  # shipped real sample
+    report = evaluate(lm, records, EvalConfig(method="memit", dataset="counterfact", fluency_records=0),
+                      resources=Resources())
+    pre, post = report["metrics_pre"], report["metrics"]
+    assert post["efficacy_success"] > pre["efficacy_success"], (pre, post)
+    assert post["efficacy_magnitude"] > pre["efficacy_magnitude"]

@@ -67,6 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1000, help="number of corpus chunks")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per chunk")
 
+    p = sub.add_parser("eval", help="edit dataset records and measure the standard metrics before and after")
+    _common(p)
+    _edit_args(p)
+    p.add_argument("--dataset", required=True,
+                   help="counterfact, counterfact-easyedit, zsre, mquake, easyedit (known_1000 is for tracing)")
+    p.add_argument("--data", default=None, help="dataset file (default: the small sample shipped with fedit)")
+    p.add_argument("--n", type=int, default=None, help="use the first N records")
+    p.add_argument("--batch-size", type=int, default=None, help="edits per batch (default: all in one batch)")
+    p.add_argument("--sequential", action="store_true",
+                   help="keep every batch applied (default: revert each batch after measuring it)")
+    p.add_argument("--fluency-n", type=int, default=20, help="records generated from for fluency (0: skip)")
+    p.add_argument("--out", required=True, help="folder for report.json, report.md and chart.png")
+
+    p = sub.add_parser("datasets", help="where to get the full dataset files (this tool never downloads them)")
+    p.add_argument("kind", nargs="?", default=None)
+
     p = sub.add_parser("demo", help="edit a few well-known facts in the default model and show before/after")
     _common(p)
     p.add_argument("--method", default="memit", choices=["rome", "memit"])
@@ -239,22 +255,61 @@ def cmd_demo(args) -> int:
     return run_demo(args, _load(args), _emit, _table, _probe)
 
 
-COMMANDS = {"edit": cmd_edit, "apply": cmd_apply, "revert": cmd_revert, "stats": cmd_stats, "demo": cmd_demo}
+def cmd_eval(args) -> int:
+    from fedit.data.loaders import load_dataset
+    from fedit.evaluate.report import write
+    from fedit.evaluate.runner import EvalConfig, evaluate
+    from fedit.methods import Resources
+
+    records = load_dataset(args.dataset, args.data, args.n)
+    lm = _load(args)
+    from fedit.core.tokens import validate_for_tokenizer
+
+    validate_for_tokenizer(lm.tokenizer, [r.request for r in records])
+    cfg = EvalConfig(method=args.method, dataset=args.dataset, batch_size=args.batch_size,
+                     sequential=args.sequential, fluency_records=args.fluency_n)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(records), desc=f"{args.method} edits", unit="edit", disable=args.json)
+    report = evaluate(lm, records, cfg, overrides={"layers": _layers(args.layers)}, hparams_file=args.hparams,
+                      resources=Resources(cache_dir=args.cache_dir, corpus=args.corpus, progress=not args.json),
+                      progress=bar.update)
+    bar.close()
+    files = write(report, args.out)
+    out = {k: report[k] for k in ("method", "dataset", "model", "n", "batch_size", "sequential", "seconds",
+                                  "seconds_per_edit", "peak_rss_mb")}
+    out.update(metrics=report["metrics"], metrics_pre=report["metrics_pre"], files=files)
+    from fedit.evaluate.report import markdown
+
+    _emit(args, out, markdown(report) + f"\nwritten: {files['json']}, {files['md']}, {files['chart']}")
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from fedit.data.loaders import KINDS, fetch_instructions
+
+    kinds = [args.kind] if args.kind else list(KINDS)
+    sys.stdout.write("\n\n".join(f"{k}:\n{fetch_instructions(k)}" for k in kinds) + "\n")
+    return 0
+
+
+COMMANDS = {"edit": cmd_edit, "apply": cmd_apply, "revert": cmd_revert, "stats": cmd_stats, "demo": cmd_demo,
+            "eval": cmd_eval, "datasets": cmd_datasets}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.json:
+    if getattr(args, "json", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except FeditError as e:
-        if args.json:
+        if getattr(args, "json", False):
             sys.stdout.write(json.dumps({"error": str(e)}) + "\n")
         sys.stderr.write(f"fedit: error: {e}\n")
         return 2

@@ -9,6 +9,39 @@ from fedit.core.tokens import encode, pad, pad_id, target_ids
 
 
 @torch.no_grad()
+def teacher_forced(lm, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[dict]:
+    """Score each answer after its prompt under teacher forcing.
+
+    Returns per pair ``{"nll_sum", "n_tokens", "pred", "answer"}`` (``pred``: the top-1
+    token id at each answer position; ``answer``: the answer's token ids). Logits are formed
+    only at answer positions.
+    """
+    tok, ad = lm.tokenizer, lm.adapter
+    out: list[dict] = []
+    for s in range(0, len(prompts), batch_size):
+        seqs, spans = [], []
+        for p, a in zip(prompts[s:s + batch_size], answers[s:s + batch_size]):
+            pi, ai = encode(tok, p), target_ids(tok, a)
+            seqs.append(pi + ai)
+            spans.append((len(pi), ai))
+        ids, mask = pad(seqs, pad_id(tok))
+        hidden = ad.body()(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).last_hidden_state
+        rows = torch.cat([torch.full((len(ai),), r) for r, (_, ai) in enumerate(spans)]).to(lm.device)
+        cols = torch.cat([torch.arange(P - 1, P - 1 + len(ai)) for P, ai in spans]).to(lm.device)
+        logp = F.log_softmax(ad.logits(hidden[rows, cols]).float(), -1)
+        flat_ans = torch.tensor([t for _, ai in spans for t in ai], device=lm.device)
+        nll = -logp.gather(1, flat_ans[:, None])[:, 0]
+        pred = logp.argmax(-1)
+        k = 0
+        for _, ai in spans:
+            m = len(ai)
+            out.append({"nll_sum": float(nll[k:k + m].sum()), "n_tokens": m, "pred": pred[k:k + m].tolist(),
+                        "answer": list(ai)})
+            k += m
+    return out
+
+
+@torch.no_grad()
 def continuation_logprob(lm, prompts: list[str], targets: list[str]) -> list[tuple[float, int]]:
     """For each (prompt, target): (sum of target-token log-probabilities, number of target tokens).
 

@@ -1,0 +1,1 @@
+"""Evaluation: metric functions (pure) and the runner that edits and measures."""

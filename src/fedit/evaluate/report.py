@@ -1,0 +1,61 @@
+"""Write an evaluation report: report.json, report.md and chart.png (pre vs post)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(v) -> str:
+    return "—" if v is None else (f"{100 * v:.1f}" if isinstance(v, float) and abs(v) <= 1.0 else f"{v:.2f}")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    pre, post, styles = report["metrics_pre"], report["metrics"], report.get("styles", {})
+    keys = report["headline"] + [k for k in sorted(post) if k not in report["headline"]]
+    lines = [f"# {report['method']} on {report['dataset']} ({report['model']})", "",
+             f"{report['n']} records, batch size {report['batch_size']}"
+             f"{', sequential' if report['sequential'] else ', each batch reverted before the next'}; "
+             f"{report['seconds_per_edit']} s per edit; peak RSS {report['peak_rss_mb']} MB"
+             + (f"; peak CUDA {report['peak_cuda_mb']} MB" if report.get("peak_cuda_mb") else ""), "",
+             "Rates are percentages; magnitudes are probability differences ×100; fluency is in bits.", "",
+             "| metric | style | pre | post |", "|---|---|---|---|"]
+    for k in keys:
+        lines.append(f"| {k} | {styles.get(k, '')} | {_fmt(pre.get(k))} | {_fmt(post.get(k))} |")
+    lines += ["", f"Consistency (RS): {report.get('consistency')}", ""]
+    return "\n".join(lines)
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in report["headline"] if k != "fluency" and k in report["metrics"]]
+    pre = [100 * report["metrics_pre"].get(k, 0.0) for k in keys]
+    post = [100 * report["metrics"].get(k, 0.0) for k in keys]
+    fig, ax = plt.subplots(figsize=(1.6 * len(keys) + 2, 3.6))
+    xs = range(len(keys))
+    ax.bar([x - 0.2 for x in xs], pre, width=0.4, label="pre-edit", color="#9aa5b1")
+    ax.bar([x + 0.2 for x in xs], post, width=0.4, label="post-edit", color="#2f6fdf")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(keys, rotation=15, fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("%")
+    ax.set_title(f"{report['method']} · {report['dataset']} · n={report['n']} · {report['model']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown(report))
+    chart(report, out / "chart.png")
+    return {"json": str(out / "report.json"), "md": str(out / "report.md"), "chart": str(out / "chart.png")}

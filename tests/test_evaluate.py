@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+
+from fedit.data.records import EvalRecord, Probe
+from fedit.evaluate.report import write
+from fedit.evaluate.runner import EvalConfig, aggregate, evaluate, measure, record_metrics
+from fedit.testing import tiny_model
+
+from helpers import DARRIEUX, EIFFEL, FAST, JORDAN, resources
+
+STRONG = {**FAST, "v_lr": 1.0, "v_num_grad_steps": 25, "clamp_norm_factor": 8.0, "layers": [1, 2],
+          "mom2_update_weight": 10.0}
+
+
+def _records():
+    from dataclasses import replace
+    jordan = replace(JORDAN, target_true="basketball")
+    darrieux = replace(DARRIEUX, target_true="French")
+    return [
+        EvalRecord(request=EIFFEL, paraphrases=("Where is the Eiffel Tower? In the city of",),
+                   neighborhood=(Probe("The Louvre is located in the city of", "Paris"),),
+                   generation_prompts=("The Eiffel Tower is",)),
+        EvalRecord(request=jordan, paraphrases=("Michael Jordan is a professional",),
+                   neighborhood=(Probe("Larry Bird plays the sport of", "basketball"),),
+                   generation_prompts=("Michael Jordan is",)),
+        EvalRecord(request=darrieux, paraphrases=("Danielle Darrieux speaks",),
+                   neighborhood=(Probe("The mother tongue of Jean Gabin is", "French"),),
+                   portability=(Probe("Danielle Darrieux was born in a country whose language is", "English"),)),
+    ]
+
+
+def test_record_metrics_by_hand():
+    raw = {"rewrite_new": {0: {"nll_sum": 1.0, "n_tokens": 1, "pred": [5], "answer": [5]}},
+           "rewrite_true": {0: {"nll_sum": 2.0, "n_tokens": 1, "pred": [5], "answer": [6]}},
+           "para_new": {0: {"nll_sum": 3.0, "n_tokens": 1, "pred": [1], "answer": [5]},
+                        1: {"nll_sum": 0.5, "n_tokens": 1, "pred": [5], "answer": [5]}},
+           "para_true": {0: {"nll_sum": 1.0, "n_tokens": 1, "pred": [1], "answer": [6]},
+                         1: {"nll_sum": 0.5, "n_tokens": 1, "pred": [5], "answer": [6]}},  # a tie
+           "nb_answer": {0: {"nll_sum": 0.2, "n_tokens": 2, "pred": [7, 8], "answer": [7, 9]}},
+           "nb_new": {0: {"nll_sum": 4.0, "n_tokens": 1, "pred": [7], "answer": [5]}}}
+    m = record_metrics(raw, raw, "counterfact")
+    assert m["efficacy_success"] == 1.0 and m["efficacy_acc"] == 1.0
+    assert m["paraphrase_success"] == 0.0  # one loss, one tie
+    assert m["paraphrase_acc"] == 0.5
+    assert m["neighborhood_success"] == 1.0 and m["neighborhood_acc"] == 0.5 and m["locality"] == 1.0
+    agg = aggregate([m, {**m, "paraphrase_success": 1.0}])
+    assert agg["paraphrase_success"] == 0.5
+    assert agg["score"] == pytest.approx(3 / (1 / 1.0 + 1 / 0.5 + 1 / 1.0))
+    assert agg["reliability"] == agg["efficacy_acc"]
+
+
+def test_end_to_end_eval_on_tiny_model(tiny_cache, tmp_path):
+    lm = tiny_model("gpt2")
+    records = _records()
+    w0 = {n: p.clone() for n, p in lm.model.named_parameters()}
+    pre_direct = aggregate([record_metrics(r, None, "counterfact") for r in measure(lm, records)])
+    report = evaluate(lm, records, EvalConfig(method="memit", dataset="counterfact", fluency_records=2,
+                                              gen_tokens=12), overrides=STRONG, resources=resources(tiny_cache))
+    # The model is left as it was; pre-edit numbers are the unedited model's.
+    assert all(torch.equal(p, w0[n]) for n, p in lm.model.named_parameters())
+    for k, v in pre_direct.items():
+        assert report["metrics_pre"][k] == pytest.approx(v)
+    post, pre = report["metrics"], report["metrics_pre"]
+    for k in ("efficacy_success", "paraphrase_success", "neighborhood_success", "score", "fluency",
+              "portability_acc", "locality"):
+        assert k in post, k
+    assert post["efficacy_magnitude"] > pre["efficacy_magnitude"]
+    assert report["n"] == 3 and report["seconds_per_edit"] > 0 and len(report["generations"]) == 2
+    files = write(report, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["method"] == "memit"
+    assert "| efficacy_success | success |" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "chart.png").read_bytes()[:4] == b"\x89PNG" and files["chart"]
+
+
+def test_sequential_and_per_batch_protocols(tiny_cache):
+    lm = tiny_model("llama")
+    records = _records()
+    w0 = {n: p.clone() for n, p in lm.model.named_parameters()}
+    for seq in (False, True):
+        rep = evaluate(lm, records, EvalConfig(method="rome", dataset="counterfact", batch_size=1, sequential=seq,
+                                               fluency_records=0), overrides={k: v for k, v in STRONG.items() if k != "mom2_update_weight"} | {"layers": [1]},
+                       resources=resources(tiny_cache))
+        assert rep["batch_size"] == 1 and rep["sequential"] is seq and "fluency" not in rep["metrics"]
+        assert all(torch.equal(p, w0[n]) for n, p in lm.model.named_parameters())
