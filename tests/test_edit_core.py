@@ -166,3 +166,14 @@ def test_batched_targets_equal_one_at_a_time(arch, stop, tiny_cache):
     for a, b in zip(together, alone):
         assert a.steps == b.steps and len(a.history) == len(b.history)
         assert torch.allclose(a.z, b.z, rtol=1e-3, atol=1e-4 * float(b.z.norm())), (a.z - b.z).norm()
+
+
+def test_backtracking_never_lets_the_residual_grow(tiny_cache):
+    lm = tiny_model("gemma3_text")
+    hp = hparams_for("memit", lm, {**FAST, "layers": [0, 1, 2], "mom2_update_weight": 1.0, "backtrack_steps": 3,
+                                   "pullback_steps": 5})
+    out = edit(lm, [EIFFEL, JORDAN, DARRIEUX], hparams=hp, resources=resources(tiny_cache), apply=False).outcome
+    norms, scales = out.diagnostics["residual_norms"], out.diagnostics["step_scales"]
+    assert len(scales) == 3 and all(s in (0.0, 0.125, 0.25, 0.5, 1.0) for s in scales)
+    assert all(b <= a for a, b in zip(norms[:-2], norms[1:-1])), norms  # lower layers: never worse
+    assert norms[-1] < norms[0]

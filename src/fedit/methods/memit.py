@@ -38,6 +38,10 @@ class MemitHparams:
     # share back through the blocks above it with this many steps (core.pullback); needed
     # where norms wrap every sublayer (Gemma 2/3).
     pullback_steps: int = 0
+    # Where the residual is not a sum (pullback on), a lower layer's update can still push h_L
+    # away from z; with backtrack_steps > 0 it is halved up to that many times until the mean
+    # residual at L shrinks (0 if none does). 0: plain MEMIT, every update taken whole.
+    backtrack_steps: int = 0
     v_batch_size: int = 16  # requests optimised together in one forward pass (results do not depend on it)
 
     def __post_init__(self):
@@ -57,6 +61,11 @@ class MemitHparams:
 def compute_targets(lm, requests: list[EditRequest], hp: MemitHparams, templates: list[str]):
     """z for each request at the last edited layer's output (the MKVs of FLEKE)."""
     return compute_targets_batched(lm, requests, templates, hp.target_config(), batch_size=hp.v_batch_size)
+
+
+def _mean_residual(lm, requests, zs: torch.Tensor, block_L: str) -> float:
+    cur = activations.at_subject(lm, requests, ["{}"], {"h": block_L})
+    return float((zs - cur["h"][:, 0].float()).norm(dim=1).mean())
 
 
 def compute_memit(lm, requests: list[EditRequest], hp: MemitHparams, res: Resources,
@@ -88,6 +97,7 @@ def compute_memit(lm, requests: list[EditRequest], hp: MemitHparams, res: Resour
     deltas: dict[int, torch.Tensor] = {}
     residual_norms: list[float] = []
     pullback: list[dict] = []
+    steps: list[float] = []
     block_L = f"{ad.block_name(L)}:output"
     try:
         for i, l in enumerate(layers):
@@ -101,11 +111,21 @@ def compute_memit(lm, requests: list[EditRequest], hp: MemitHparams, res: Resour
                 pullback.append({"layer": l, "error_plain": err0, "error_pulled_back": err1})
             R = ad.residual_to_w_out(l, want, cur["o"][:, 0])
             delta = memit_delta(K, R, C[l], hp.mom2_update_weight)
-            with torch.no_grad():
-                params[names[l]].add_(ad.to_param_layout(delta).to(params[names[l]].dtype))
-            deltas[l] = delta
-        cur = activations.at_subject(lm, requests, ["{}"], {"h": block_L})
-        residual_norms.append(float((zs - cur["h"][:, 0].float()).norm(dim=1).mean()))
+            base = params[names[l]].detach().clone()
+            scale = 1.0
+            for _ in range(hp.backtrack_steps + 1):
+                with torch.no_grad():
+                    params[names[l]].copy_(base + ad.to_param_layout(scale * delta).to(base.dtype))
+                if hp.backtrack_steps == 0 or l == L or _mean_residual(lm, requests, zs, block_L) < residual_norms[-1]:
+                    break
+                scale /= 2
+            else:
+                scale = 0.0  # no step size helped: this layer does not write
+                with torch.no_grad():
+                    params[names[l]].copy_(base)
+            steps.append(scale)
+            deltas[l] = scale * delta
+        residual_norms.append(_mean_residual(lm, requests, zs, block_L))
     finally:
         with torch.no_grad():
             for l in layers:
@@ -114,4 +134,5 @@ def compute_memit(lm, requests: list[EditRequest], hp: MemitHparams, res: Resour
                       method="memit", model=lm.identity(), requests=[r.to_dict() for r in requests],
                       hparams=dataclasses.asdict(hp))
     return EditOutcome(deltas=wd, targets=targets, seconds=time.perf_counter() - t0, target_seconds=t_target,
-                       diagnostics={"residual_norms": residual_norms, "pullback": pullback})
+                       diagnostics={"residual_norms": residual_norms, "pullback": pullback,
+                                    "step_scales": steps})
