@@ -37,6 +37,8 @@ STYLE = {
     "neighborhood_magnitude": "probability difference", "score": "harmonic mean of success rates",
     "efficacy_acc": "token accuracy", "paraphrase_acc": "token accuracy", "specificity_acc": "token accuracy",
     "portability_acc": "token accuracy", "locality": "top-1 agreement with the unedited model",
+    "neighborhood_acc": "token accuracy", "reliability": "token accuracy (EasyEdit name)",
+    "generalization": "token accuracy (EasyEdit name)", "portability": "token accuracy (EasyEdit name)",
     "fluency": "n-gram entropy (ROME GE)",
 }
 EASYEDIT_NAMES = {"reliability": "efficacy_acc", "generalization": "paraphrase_acc", "portability": "portability_acc"}
