@@ -22,6 +22,7 @@ ENGINES = ("flower", "local")
 
 def register(sub, common, _unused=None) -> None:
     """Add ``collab run`` to the ``fedit`` parser (``common``: main's shared flags)."""
+    from fedit.cli.main import precision_arg
     from fedit.collab import MERGES, POLICIES
 
     p = sub.add_parser("collab", help="collaborative editing: many clients' edits merged into one model (CollabEdit)")
@@ -29,6 +30,7 @@ def register(sub, common, _unused=None) -> None:
     r = csub.add_parser("run", help="split a dataset among clients and rounds, edit, merge, evaluate")
     common(r)
     r.add_argument("--layers", default=None, help="comma-separated layers to edit (overrides the data file)")
+    precision_arg(r)
     r.add_argument("--hparams", default=None, help="JSON file of MEMIT hyperparameters (overrides the data file)")
     r.add_argument("--corpus", default=None,
                    help="text file or folder for second moments (default: shipped WikiText-2 sample)")
@@ -71,6 +73,7 @@ def _merges(text: str) -> tuple[str, ...]:
 
 def run(args, load, layers) -> int:
     """The command; ``load``/``layers`` are main's model loader and --layers parser."""
+    from fedit.cli.main import overrides_from
     from fedit.collab import CollabConfig, split_plan
     from fedit.collab.driver import run_collab
     from fedit.data.loaders import load_records
@@ -102,7 +105,7 @@ def run(args, load, layers) -> int:
     from fedit.core.tokens import validate_for_tokenizer
 
     validate_for_tokenizer(lm.tokenizer, [r.request for recs in plan.values() for rr in recs for r in rr])
-    overrides = {"layers": layers(args.layers)}
+    overrides = overrides_from(args)
     hp = dataclasses.replace(hparams_for("memit", lm, overrides, args.hparams), form="base")
     res = Resources(cache_dir=args.cache_dir, corpus=args.corpus, progress=not args.json)
     say = (lambda s: None) if args.json else (lambda s: sys.stderr.write(f"[collab] {s}\n"))
@@ -133,7 +136,11 @@ def run(args, load, layers) -> int:
 
 def _run_flower(args, lm, plan, hp, res, cfg, overrides, say):
     from fedit.collab.driver import annotate, attach_reference, global_reference
-    from fedit.federation.collab_flower import CollabClientSettings, CollabServerSettings, run_flower_simulation
+    from fedit.federation.collab_flower import (
+        CollabClientSettings,
+        CollabServerSettings,
+        run_flower_simulation,
+    )
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")

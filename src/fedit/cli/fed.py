@@ -6,6 +6,8 @@ import json
 
 
 def register(sub, common) -> None:
+    from fedit.cli.main import precision_arg
+
     p = sub.add_parser("fed", help="federated editing (FedEdit) on the Flower engine")
     fsub = p.add_subparsers(dest="fed_command", required=True)
     r = fsub.add_parser("run", help="run a FedEdit federation on Flower's simulation engine, then report")
@@ -30,6 +32,7 @@ def register(sub, common) -> None:
                    help="editing method: memit (default) or pmet in any mode; alphaedit in paper mode only")
     r.add_argument("--layers", default=None, help="comma-separated layers to edit (overrides the data file)")
     r.add_argument("--hparams", default=None, help="JSON file of hyperparameters")
+    precision_arg(r)
     r.add_argument("--corpus", default=None, help="text file for second moments (default: shipped WikiText-2 sample)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-reference", action="store_true", help="skip the centralised MEMIT reference")
@@ -53,11 +56,9 @@ def cmd_fed(args, emit) -> int:
         emit(args, _summary(report), markdown(report) + f"\nwritten: {', '.join(report['files'].values())}")
         return 0
 
-    from fedit.cli.main import _layers
+    from fedit.cli.main import overrides_from
 
-    overrides = {}
-    if args.layers:
-        overrides["layers"] = _layers(args.layers)
+    overrides = {k: v for k, v in overrides_from(args).items() if v is not None}
     partition = args.partition or ("cluster" if args.dataset == "zsre" else "relation")
     s = FedSettings(model=args.model or "gemma-3-270m", device=args.device or "", dtype=args.dtype or "",
                     cache_dir=args.cache_dir or "", corpus=args.corpus or "", threads=args.threads or 0,

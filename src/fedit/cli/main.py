@@ -32,6 +32,28 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default=None, help="comma-separated layers to edit (overrides the data file)")
     p.add_argument("--hparams", default=None, help="JSON file of hyperparameters (overrides the data file)")
     p.add_argument("--corpus", default=None, help="text file or folder for second moments (default: shipped WikiText-2 sample)")
+    precision_arg(p)
+    p.add_argument("--target-cache", default=None, metavar="DIR",
+                   help="keep optimised target vectors in DIR and reuse them (an interrupted run resumes; "
+                        "a sweep of λ or of lower layers re-solves without re-optimising)")
+
+
+def precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target-precision", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="precision of target optimisation (default: the hyperparameter file's, float32); "
+                        "bfloat16 is ~1.7x faster on CPUs with AMX and on GPUs")
+
+
+def overrides_from(args) -> dict:
+    """Hyperparameter overrides given on the command line (None where not given)."""
+    return {"layers": _layers(args.layers), "target_precision": getattr(args, "target_precision", None)}
+
+
+def resources_from(args):
+    from fedit.methods import Resources
+
+    return Resources(cache_dir=args.cache_dir, corpus=args.corpus, progress=not args.json,
+                     target_cache=getattr(args, "target_cache", None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +188,6 @@ def _probe(lm, rows: list[dict], key: str) -> None:
 
 def cmd_edit(args) -> int:
     from fedit.api import combined, edit
-    from fedit.methods import Resources
     from fedit.requests import EditRequest, load_requests
 
     if args.requests:
@@ -183,8 +204,8 @@ def cmd_edit(args) -> int:
     from fedit.core.tokens import validate_for_tokenizer
 
     validate_for_tokenizer(lm.tokenizer, requests)
-    res = Resources(cache_dir=args.cache_dir, corpus=args.corpus, progress=not args.json)
-    overrides = {"layers": _layers(args.layers)}
+    res = resources_from(args)
+    overrides = overrides_from(args)
     rows = [{"request": r, "text": r.filled_prompt, "target": r.target_new} for r in requests]
     _probe(lm, rows, "before")
     t0 = time.perf_counter()
@@ -297,7 +318,6 @@ def cmd_eval(args) -> int:
     from fedit.data.loaders import load_records
     from fedit.evaluate.report import write
     from fedit.evaluate.runner import EvalConfig, evaluate
-    from fedit.methods import Resources
 
     records = load_records(args.dataset, args.data, args.n)
     lm = _load(args)
@@ -309,9 +329,8 @@ def cmd_eval(args) -> int:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(records), desc=f"{args.method} edits", unit="edit", disable=args.json)
-    report = evaluate(lm, records, cfg, overrides={"layers": _layers(args.layers)}, hparams_file=args.hparams,
-                      resources=Resources(cache_dir=args.cache_dir, corpus=args.corpus, progress=not args.json),
-                      progress=bar.update)
+    report = evaluate(lm, records, cfg, overrides=overrides_from(args), hparams_file=args.hparams,
+                      resources=resources_from(args), progress=bar.update)
     bar.close()
     files = write(report, args.out)
     out = {k: report[k] for k in ("method", "dataset", "model", "n", "batch_size", "sequential", "seconds",

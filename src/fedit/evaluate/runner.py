@@ -171,7 +171,7 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
     B = cfg.batch_size or len(records)
     batches = [list(range(s, min(s + B, len(records)))) for s in range(0, len(records), B)]
     raw_post: list[dict | None] = [None] * len(records)
-    edit_seconds, target_seconds, applied = 0.0, 0.0, []
+    edit_seconds, target_seconds, applied, from_cache = 0.0, 0.0, [], 0
     if torch.cuda.is_available() and lm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(lm.device)
     state = None  # carried between batches only when they accumulate (AlphaEdit)
@@ -183,6 +183,7 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
         state = res.outcome.state
         edit_seconds += res.outcome.seconds
         target_seconds += res.outcome.target_seconds
+        from_cache += sum(bool(t.get("cached")) for t in res.outcome.targets)
         if cfg.sequential:
             applied.append(res.applied)
             done.extend(b)
@@ -217,6 +218,7 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
         "seconds": round(time.perf_counter() - t0, 3), "edit_seconds": round(edit_seconds, 3),
         "seconds_per_edit": round(edit_seconds / max(1, len(records)), 4),
         "target_seconds_share": round(target_seconds / edit_seconds, 4) if edit_seconds else None,
+        "targets_from_cache": from_cache,  # their optimisation time is not in edit_seconds
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "peak_cuda_mb": (round(torch.cuda.max_memory_allocated(lm.device) / 2**20, 1)
                          if lm.device.type == "cuda" else None),

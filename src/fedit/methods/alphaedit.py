@@ -82,7 +82,7 @@ def compute_alphaedit(lm, requests: list[EditRequest], hp: AlphaEditHparams, res
     groups = res.templates(lm, hp.context_template_length_params)
     targets, t_target = [], 0.0
     if zs is None:
-        zs, targets, t_target = targets_for(lm, requests, hp, groups)
+        zs, targets, t_target = targets_for(lm, requests, hp, groups, res.target_store())
     P = res.projectors(lm, layers, hp.mom2_samples, hp.mom2_seq_len, hp.nullspace_threshold)
     prev = state.kk if state is not None else {}
     new_kk: dict[int, torch.Tensor] = {}

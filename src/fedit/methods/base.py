@@ -40,9 +40,12 @@ class Resources:
     corpus: str | os.PathLike | None = None
     progress: bool = False
     template_seed: int = 0
+    # folder of optimised target vectors (fedit.target_cache): None keeps nothing between calls
+    target_cache: str | os.PathLike | None = None
     # second moments already read, by (model fingerprint, layer, samples, seq_len): federated
     # clients and sequential runs solve many times with the same statistics.
     _moments: dict = field(default_factory=dict, repr=False, compare=False)
+    _targets: Any = field(default=None, repr=False, compare=False)
 
     def templates(self, lm, spec: list[list[int]]) -> list[list[str]]:
         """Context template groups for ``spec`` ([[length, n_gen], ...]), generated once per model."""
@@ -62,6 +65,16 @@ class Resources:
         tmp.write_text(json.dumps(groups, indent=1))
         os.replace(tmp, path)
         return groups
+
+    def target_store(self):
+        """The :class:`~fedit.target_cache.TargetCache` of ``target_cache``, or None."""
+        if self.target_cache is None:
+            return None
+        if self._targets is None:
+            from fedit.target_cache import TargetCache
+
+            self._targets = TargetCache(self.target_cache)
+        return self._targets
 
     def second_moments(self, lm, layers: list[int], samples: int, seq_len: int) -> dict[int, torch.Tensor]:
         fp = lm.identity()["fingerprint"]

@@ -32,6 +32,9 @@ class MemitHparams:
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     nll_stop: float = 0.05
+    # "float32" (default) or "bfloat16"/"float16": target optimisation under torch.autocast
+    # (~1.7x faster on CPUs with AMX, z within ~0.5 %; weights and solves stay float32)
+    target_precision: str = "float32"
     mom2_update_weight: float = 15000.0
     mom2_samples: int = 1000
     mom2_seq_len: int = 128
@@ -54,6 +57,9 @@ class MemitHparams:
         if self.mom2_update_weight < 0:
             raise HparamsError(f"mom2_update_weight must be ≥ 0, got {self.mom2_update_weight}.",
                                "use e.g. 15000 (GPT-J) or 20000 (GPT-2 XL).")
+        if self.target_precision not in ("float32", "bfloat16", "float16"):
+            raise HparamsError(f"target_precision must be float32, bfloat16 or float16, got {self.target_precision!r}.",
+                               "use bfloat16 for speed on CPUs with AMX or on GPUs, float32 for exact runs.")
         if self.v_num_grad_steps < 0 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
             raise HparamsError("v_num_grad_steps must be ≥ 0 and v_lr, clamp_norm_factor > 0.",
                                "fix the values in the hyperparameter file.")
@@ -64,20 +70,24 @@ class MemitHparams:
     def target_config(self) -> TargetConfig:
         return TargetConfig(layer=self.layers[-1], site="block", steps=self.v_num_grad_steps, lr=self.v_lr,
                             clamp=self.clamp_norm_factor, kl_factor=self.kl_factor,
-                            weight_decay=self.v_weight_decay, nll_stop=self.nll_stop)
+                            weight_decay=self.v_weight_decay, nll_stop=self.nll_stop,
+                            autocast=None if self.target_precision == "float32" else self.target_precision)
 
 
-def compute_targets(lm, requests: list[EditRequest], hp: MemitHparams, templates: list[str]):
+def compute_targets(lm, requests: list[EditRequest], hp: MemitHparams, templates: list[str], cache=None):
     """The target of each request at the site ``hp.target_config()`` names (MEMIT, AlphaEdit:
     block L's output; PMET: W_out's output with the attention target beside it).
 
     z for each request at the last edited layer's output (the MKVs of FLEKE)."""
-    return compute_targets_batched(lm, requests, templates, hp.target_config(), batch_size=hp.v_batch_size)
+    return compute_targets_batched(lm, requests, templates, hp.target_config(), batch_size=hp.v_batch_size,
+                                   cache=cache)
 
 
-def targets_for(lm, requests: list[EditRequest], hp: MemitHparams, groups: list[list[str]]):
-    """Optimised z of ``requests`` with a report per request: (zs [n, d], reports, seconds)."""
-    results = compute_targets(lm, requests, hp, flat(groups))
+def targets_for(lm, requests: list[EditRequest], hp: MemitHparams, groups: list[list[str]], cache=None):
+    """Optimised z of ``requests`` with a report per request: (zs [n, d], reports, seconds).
+
+    ``cache``: a target cache (``Resources.target_store()``) to take known targets from."""
+    results = compute_targets(lm, requests, hp, flat(groups), cache=cache)
     return torch.stack([r.z for r in results]), target_summaries(requests, results), sum(r.seconds for r in results)
 
 
@@ -191,7 +201,7 @@ def target_summaries(requests: list[EditRequest], results) -> list[dict]:
     out = []
     for q, r in zip(requests, results):
         t = {"case_id": q.case_id, "nll_start": r.nll_start, "nll_end": r.nll_end, "steps": r.steps,
-             "delta_norm": float(r.delta.norm()), "h_norm": float(r.h.norm())}
+             "delta_norm": float(r.delta.norm()), "h_norm": float(r.h.norm()), "cached": r.from_cache}
         if getattr(r, "joint_z", None) is not None:  # PMET's attention target, optimised beside z
             t.update(attn_delta_norm=float((r.joint_z - r.joint_h).norm()), attn_h_norm=float(r.joint_h.norm()))
         out.append(t)
@@ -221,7 +231,7 @@ def compute_memit(lm, requests: list[EditRequest], hp: MemitHparams, res: Resour
     groups = res.templates(lm, hp.context_template_length_params)
     targets, t_target = [], 0.0
     if zs is None:
-        zs, targets, t_target = targets_for(lm, requests, hp, groups)
+        zs, targets, t_target = targets_for(lm, requests, hp, groups, res.target_store())
     C = res.second_moments(lm, layers, hp.mom2_samples, hp.mom2_seq_len)
     deltas, diag = spread_over_layers(lm, requests, hp, groups, block_residual(lm, zs, L),
                                       lambda l, K, R: memit_delta(K, R, C[l], hp.mom2_update_weight))

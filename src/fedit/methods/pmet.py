@@ -17,7 +17,7 @@ output like MEMIT's and can be carried back to lower layers the same way.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,8 +25,14 @@ from fedit.core.solve import memit_delta
 from fedit.core.targets import TargetConfig
 from fedit.core.tokens import validate_for_tokenizer
 from fedit.methods.base import EditOutcome, Resources
-from fedit.methods.memit import (MemitHparams, Residual, spread_over_layers, targets_for, with_vectors,
-                                 to_weight_deltas)
+from fedit.methods.memit import (
+    MemitHparams,
+    Residual,
+    spread_over_layers,
+    targets_for,
+    to_weight_deltas,
+    with_vectors,
+)
 from fedit.requests import EditRequest
 
 
@@ -40,9 +46,7 @@ class PmetHparams(MemitHparams):
     mom2_update_weight: float = 6000.0
 
     def target_config(self) -> TargetConfig:
-        return TargetConfig(layer=self.layers[-1], site="w_out", joint_site="attn", steps=self.v_num_grad_steps,
-                            lr=self.v_lr, clamp=self.clamp_norm_factor, kl_factor=self.kl_factor,
-                            weight_decay=self.v_weight_decay, nll_stop=self.nll_stop, decay_power=1)
+        return replace(super().target_config(), site="w_out", joint_site="attn", decay_power=1)
 
 
 def mlp_residual(lm, z_mlp: torch.Tensor, layer: int) -> Residual:
@@ -75,7 +79,7 @@ def compute_pmet(lm, requests: list[EditRequest], hp: PmetHparams, res: Resource
     groups = res.templates(lm, hp.context_template_length_params)
     targets, t_target = [], 0.0
     if zs is None:  # z at W_out's output of L, optimised jointly with the attention target (target_config)
-        zs, targets, t_target = targets_for(lm, requests, hp, groups)
+        zs, targets, t_target = targets_for(lm, requests, hp, groups, res.target_store())
     C = res.second_moments(lm, layers, hp.mom2_samples, hp.mom2_seq_len)
     deltas, diag = spread_over_layers(lm, requests, hp, groups, mlp_residual(lm, zs, L),
                                       lambda l, K, R: memit_delta(K, R, C[l], hp.mom2_update_weight),

@@ -10,7 +10,7 @@ import torch
 
 from fedit.core import activations
 from fedit.core.solve import rome_delta
-from fedit.core.targets import TargetConfig, compute_target
+from fedit.core.targets import TargetConfig, compute_targets
 from fedit.core.templates import flat
 from fedit.core.tokens import validate_for_tokenizer
 from fedit.deltas import WeightDeltas
@@ -28,6 +28,9 @@ class RomeHparams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     nll_stop: float = 0.05
+    # "float32" (default) or "bfloat16"/"float16": target optimisation under torch.autocast
+    # (~1.7x faster on CPUs with AMX, z within ~0.5 %; weights and solves stay float32)
+    target_precision: str = "float32"
     mom2_adjustment: bool = True
     mom2_samples: int = 1000
     mom2_seq_len: int = 128
@@ -37,6 +40,9 @@ class RomeHparams:
         if len(self.layers) != 1:
             raise HparamsError(f"ROME edits exactly one layer, got layers={self.layers}.",
                                "pass one layer (--layers 5) or use MEMIT for several.")
+        if self.target_precision not in ("float32", "bfloat16", "float16"):
+            raise HparamsError(f"target_precision must be float32, bfloat16 or float16, got {self.target_precision!r}.",
+                               "use bfloat16 for speed on CPUs with AMX or on GPUs, float32 for exact runs.")
         if self.v_num_grad_steps < 0 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
             raise HparamsError("v_num_grad_steps must be ≥ 0 and v_lr, clamp_norm_factor > 0.",
                                "fix the values in the hyperparameter file.")
@@ -44,7 +50,8 @@ class RomeHparams:
     def target_config(self) -> TargetConfig:
         return TargetConfig(layer=self.layers[0], site="w_out", steps=self.v_num_grad_steps, lr=self.v_lr,
                             clamp=self.clamp_norm_factor, kl_factor=self.kl_factor,
-                            weight_decay=self.v_weight_decay, nll_stop=self.nll_stop)
+                            weight_decay=self.v_weight_decay, nll_stop=self.nll_stop,
+                            autocast=None if self.target_precision == "float32" else self.target_precision)
 
 
 def compute_rome(lm, requests: list[EditRequest], hp: RomeHparams, res: Resources) -> EditOutcome:
@@ -66,7 +73,7 @@ def compute_rome(lm, requests: list[EditRequest], hp: RomeHparams, res: Resource
     try:
         for req in requests:
             k_avg = activations.keys(lm, [layer], [req], [templates])[layer][0]
-            tr = compute_target(lm, req, templates, hp.target_config())
+            tr, = compute_targets(lm, [req], templates, hp.target_config(), cache=res.target_store())
             t_target += tr.seconds
             io = activations.at_subject(lm, [req], ["{}"], {"k": f"{ad.w_out_name(layer)}:input",
                                                             "wk": f"{ad.w_out_name(layer)}:output"})
@@ -74,7 +81,7 @@ def compute_rome(lm, requests: list[EditRequest], hp: RomeHparams, res: Resource
             with torch.no_grad():
                 param.add_(ad.to_param_layout(delta).to(param.dtype))
             total += delta
-            targets.append({"case_id": req.case_id, "nll_start": tr.nll_start, "nll_end": tr.nll_end,
+            targets.append({"case_id": req.case_id, "cached": tr.from_cache, "nll_start": tr.nll_start, "nll_end": tr.nll_end,
                             "steps": tr.steps, "delta_norm": float(tr.delta.norm()), "h_norm": float(tr.h.norm())})
     finally:
         with torch.no_grad():

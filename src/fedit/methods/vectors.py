@@ -177,7 +177,7 @@ def compute_vectors(lm, requests: list[EditRequest], hp, res, zs: torch.Tensor |
     groups = res.templates(lm, hp.context_template_length_params)
     reports, t_target = [], 0.0
     if zs is None:
-        zs, reports, t_target = targets_for(lm, requests, hp, groups)
+        zs, reports, t_target = targets_for(lm, requests, hp, groups, res.target_store())
     vectors = measure_vectors(lm, requests, hp.layers, zs, groups, hp.pullback_steps)
     return vectors, reports, t_target
 

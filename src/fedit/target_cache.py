@@ -1,0 +1,112 @@
+"""A disk cache of optimised target vectors (MEMIT's z, ROME's v*, PMET's pair).
+
+Target optimisation is 90 % or more of an edit's time. The result for a request depends only
+on the model's current weights, the :class:`~fedit.core.targets.TargetConfig`, the context
+templates and the request itself, so it can be kept and reused:
+
+- an interrupted ``fedit eval`` on 1,000 records resumes where it stopped (each batch of
+  targets is written as soon as it is done);
+- a sweep of λ or of the lower edited layers (same last layer) re-solves without
+  re-optimising a single z.
+
+The key covers the weights as they are now (:func:`weights_digest`, not just the base model's
+fingerprint), so targets computed on an edited model, e.g. in a sequential run, are never
+confused with the unedited model's. One file per target, written atomically; a damaged file is
+reported, ignored and overwritten, and never stops a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from fedit.errors import FeditError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+_CHUNK = 1 << 22
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """Fingerprint of the current weights: per tensor, its float64 sum and sum of squares.
+
+    Reads every weight once (about 0.3 s for Gemma 3 270M on a CPU core) without a full-size
+    copy. Values are rounded to 10 significant digits so that the order of a parallel
+    reduction does not matter, while any real edit (ROME's rank-one update included) changes
+    some sum of squares far beyond that.
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            flat = p.detach().reshape(-1)
+            s = sq = 0.0
+            for c in range(0, flat.numel(), _CHUNK):
+                part = flat[c:c + _CHUNK].double()
+                s += float(part.sum())
+                sq += float(part.dot(part))
+            h.update(f"{name}:{tuple(p.shape)}:{s:.10g}:{sq:.10g};".encode())
+    return h.hexdigest()[:32]
+
+
+class TargetCache:
+    """Optimised targets under ``root`` (one ``.pt`` file per target), keyed as described above."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FeditError(f"cannot use {self.root} as the target cache: {e}.",
+                             "pass a writable folder to --target-cache.") from e
+        self.hits = 0
+        self.misses = 0
+
+    def keys(self, lm, requests, templates: list[str], cfg) -> list[str]:
+        base = json.dumps({"format": FORMAT, "model": lm.identity()["fingerprint"],
+                           "weights": weights_digest(lm.model), "config": asdict(cfg),
+                           "templates": list(templates)}, sort_keys=True)
+        out = []
+        for r in requests:
+            item = json.dumps([r.prompt, r.subject, r.target_new])
+            out.append(hashlib.sha256((base + item).encode()).hexdigest())
+        return out
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.pt"
+
+    def get(self, key: str):
+        from fedit.core.targets import TargetResult
+
+        path = self._path(key)
+        if not path.exists():
+            self.misses += 1
+            return None
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            names = {f.name for f in fields(TargetResult)}
+            result = TargetResult(**{k: v for k, v in data.items() if k in names})
+            if not torch.isfinite(result.z).all():
+                raise ValueError("z is not finite")
+        except Exception as e:  # noqa: BLE001 - any damage means "not cached"
+            log.warning("target cache: ignoring damaged %s (%s); it will be recomputed", path, e)
+            self.misses += 1
+            return None
+        self.hits += 1
+        result.seconds, result.from_cache = 0.0, True
+        return result
+
+    def put(self, key: str, result) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {k: v for k, v in asdict(result).items() if k != "from_cache"}
+        data = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(data, tmp)
+        os.replace(tmp, path)
