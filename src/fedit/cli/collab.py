@@ -30,7 +30,7 @@ def register(sub, common, _unused=None) -> None:
     r = csub.add_parser("run", help="split a dataset among clients and rounds, edit, merge, evaluate")
     common(r)
     r.add_argument("--layers", default=None, help="comma-separated layers to edit (overrides the data file)")
-    precision_arg(r)
+    precision_arg(r, cache=True)
     r.add_argument("--hparams", default=None, help="JSON file of MEMIT hyperparameters (overrides the data file)")
     r.add_argument("--corpus", default=None,
                    help="text file or folder for second moments (default: shipped WikiText-2 sample)")
@@ -73,12 +73,12 @@ def _merges(text: str) -> tuple[str, ...]:
 
 def run(args, load, layers) -> int:
     """The command; ``load``/``layers`` are main's model loader and --layers parser."""
-    from fedit.cli.main import overrides_from
+    from fedit.cli.main import overrides_from, resources_from
     from fedit.collab import CollabConfig, split_plan
     from fedit.collab.driver import run_collab
     from fedit.data.loaders import load_records
     from fedit.evaluate.collab_report import markdown, write
-    from fedit.methods import Resources, hparams_for
+    from fedit.methods import hparams_for
 
     if args.collab_command != "run":
         raise FeditError(f"unknown collab command {args.collab_command!r}.", "use: fedit collab run …")
@@ -107,7 +107,7 @@ def run(args, load, layers) -> int:
     validate_for_tokenizer(lm.tokenizer, [r.request for recs in plan.values() for rr in recs for r in rr])
     overrides = overrides_from(args)
     hp = dataclasses.replace(hparams_for("memit", lm, overrides, args.hparams), form="base")
-    res = Resources(cache_dir=args.cache_dir, corpus=args.corpus, progress=not args.json)
+    res = resources_from(args)
     say = (lambda s: None) if args.json else (lambda s: sys.stderr.write(f"[collab] {s}\n"))
     if args.engine == "local":
         report = run_collab(lm, plan, hp, res, cfg, progress=say)

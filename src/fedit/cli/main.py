@@ -32,16 +32,17 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default=None, help="comma-separated layers to edit (overrides the data file)")
     p.add_argument("--hparams", default=None, help="JSON file of hyperparameters (overrides the data file)")
     p.add_argument("--corpus", default=None, help="text file or folder for second moments (default: shipped WikiText-2 sample)")
-    precision_arg(p)
-    p.add_argument("--target-cache", default=None, metavar="DIR",
-                   help="keep optimised target vectors in DIR and reuse them (an interrupted run resumes; "
-                        "a sweep of λ or of lower layers re-solves without re-optimising)")
+    precision_arg(p, cache=True)
 
 
-def precision_arg(p: argparse.ArgumentParser) -> None:
+def precision_arg(p: argparse.ArgumentParser, cache: bool = False) -> None:
     p.add_argument("--target-precision", default=None, choices=["float32", "bfloat16", "float16"],
                    help="precision of target optimisation (default: the hyperparameter file's, float32); "
                         "bfloat16 is ~1.7x faster on CPUs with AMX and on GPUs")
+    if cache:
+        p.add_argument("--target-cache", default=None, metavar="DIR",
+                       help="keep optimised target vectors in DIR and reuse them (an interrupted run resumes; "
+                            "a sweep of λ or of lower layers re-solves without re-optimising)")
 
 
 def overrides_from(args) -> dict:

@@ -14,16 +14,17 @@ def teacher_forced(lm, prompts: list[str], answers: list[str], batch_size: int =
 
     Returns per pair ``{"nll_sum", "n_tokens", "pred", "answer"}`` (``pred``: the top-1
     token id at each answer position; ``answer``: the answer's token ids). Logits are formed
-    only at answer positions.
+    only at answer positions. Pairs are batched by length (less padding), results come back
+    in the order given.
     """
     tok, ad = lm.tokenizer, lm.adapter
-    out: list[dict] = []
-    for s in range(0, len(prompts), batch_size):
-        seqs, spans = [], []
-        for p, a in zip(prompts[s:s + batch_size], answers[s:s + batch_size]):
-            pi, ai = encode(tok, p), target_ids(tok, a)
-            seqs.append(pi + ai)
-            spans.append((len(pi), ai))
+    encoded = [(encode(tok, p), target_ids(tok, a)) for p, a in zip(prompts, answers)]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
+    out: list[dict | None] = [None] * len(encoded)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        seqs = [encoded[i][0] + encoded[i][1] for i in idx]
+        spans = [(len(encoded[i][0]), encoded[i][1]) for i in idx]
         ids, mask = pad(seqs, pad_id(tok))
         hidden = ad.body()(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).last_hidden_state
         rows = torch.cat([torch.full((len(ai),), r) for r, (_, ai) in enumerate(spans)]).to(lm.device)
@@ -33,10 +34,10 @@ def teacher_forced(lm, prompts: list[str], answers: list[str], batch_size: int =
         nll = -logp.gather(1, flat_ans[:, None])[:, 0]
         pred = logp.argmax(-1)
         k = 0
-        for _, ai in spans:
+        for i, (_, ai) in zip(idx, spans):
             m = len(ai)
-            out.append({"nll_sum": float(nll[k:k + m].sum()), "n_tokens": m, "pred": pred[k:k + m].tolist(),
-                        "answer": list(ai)})
+            out[i] = {"nll_sum": float(nll[k:k + m].sum()), "n_tokens": m, "pred": pred[k:k + m].tolist(),
+                      "answer": list(ai)}
             k += m
     return out
 
