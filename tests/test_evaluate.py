@@ -101,3 +101,61 @@ def test_sequential_eval_tracks_every_batch(tmp_path):
     files = write(report, tmp_path / "out")
     assert (tmp_path / "out" / "batches.png").exists() and "batches_chart" in files
     assert "After each sequential batch" in (tmp_path / "out" / "report.md").read_text()
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_sequential_run_resumes_from_its_checkpoint_with_the_same_result(method, tmp_path):
+    from fedit.data.loaders import load_records
+    from fedit.evaluate.checkpoint import CheckpointError
+
+    records = load_records("counterfact", n=3)
+    cfg = EvalConfig(method=method, batch_size=1, sequential=True, fluency_records=1)
+    over = {**FAST, "layers": [1, 2]}
+    res = resources(str(tmp_path / "c"))
+    whole = evaluate(tiny_model("gpt2"), records, cfg, overrides=over, resources=res)
+
+    seen = []
+
+    def stop_after_two(n):
+        seen.append(n)
+        if len(seen) == 2:
+            raise _Stop
+    with pytest.raises(_Stop):
+        evaluate(tiny_model("gpt2"), records, cfg, overrides=over, resources=res, progress=stop_after_two,
+                 checkpoint_dir=tmp_path / "ck")
+    # an existing checkpoint is never overwritten silently
+    with pytest.raises(CheckpointError, match="--resume"):
+        evaluate(tiny_model("gpt2"), records, cfg, overrides=over, resources=res, checkpoint_dir=tmp_path / "ck")
+    # nor resumed by another run
+    with pytest.raises(CheckpointError, match="another run"):
+        evaluate(tiny_model("gpt2"), records, cfg, overrides={**over, "layers": [0, 1]}, resources=res,
+                 checkpoint_dir=tmp_path / "ck", resume=True)
+    lm = tiny_model("gpt2")
+    w0 = {n: p.clone() for n, p in lm.model.named_parameters()}
+    resumed = evaluate(lm, records, cfg, overrides=over, resources=res, checkpoint_dir=tmp_path / "ck", resume=True)
+    assert resumed["resumed_after_batch"] == 2
+    assert [r["edits"] for r in resumed["per_batch"]] == [0, 1, 2, 3]
+    for key in ("efficacy_success", "paraphrase_success", "neighborhood_success", "efficacy_acc"):
+        assert resumed["metrics"][key] == pytest.approx(whole["metrics"][key]), key
+        assert [r["metrics"][key] for r in resumed["per_batch"]] == pytest.approx(
+            [r["metrics"][key] for r in whole["per_batch"]])
+    assert all(torch.equal(p, w0[n]) for n, p in lm.model.named_parameters())  # reverted to the base model
+
+
+def test_damaged_checkpoint_is_a_clear_error(tmp_path):
+    from fedit.data.loaders import load_records
+    from fedit.evaluate.checkpoint import CheckpointError
+
+    records = load_records("counterfact", n=2)
+    cfg = EvalConfig(method="memit", batch_size=1, sequential=True, fluency_records=0)
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "progress.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="damaged"):
+        evaluate(tiny_model("gpt2"), records, cfg, overrides={**FAST, "layers": [1, 2]},
+                 resources=resources(str(tmp_path / "c")), checkpoint_dir=ck, resume=True)
+    assert (ck / "progress.json").read_text() == "{not json"  # nothing stored is lost

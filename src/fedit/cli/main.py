@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fluency-n", type=int, default=20, help="records generated from for fluency (0: skip)")
     p.add_argument("--final-only", action="store_true",
                    help="with --sequential: measure only at the end (default: also after every batch)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --sequential: continue the run checkpointed in OUT/checkpoint (written after every batch)")
     p.add_argument("--out", required=True, help="folder for report.json, report.md and chart.png")
 
     p = sub.add_parser("trace", help="causal tracing: which layers and tokens carry a fact (heat map)")
@@ -330,10 +332,15 @@ def cmd_eval(args) -> int:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(records), desc=f"{args.method} edits", unit="edit", disable=args.json)
+    ckpt = Path(args.out) / "checkpoint"
     report = evaluate(lm, records, cfg, overrides=overrides_from(args), hparams_file=args.hparams,
-                      resources=resources_from(args), progress=bar.update)
+                      resources=resources_from(args), progress=bar.update, checkpoint_dir=ckpt, resume=args.resume)
     bar.close()
     files = write(report, args.out)
+    if ckpt.exists():
+        import shutil
+
+        shutil.rmtree(ckpt)  # the run is complete: its report replaces the checkpoint
     out = {k: report[k] for k in ("method", "dataset", "model", "n", "batch_size", "sequential", "seconds",
                                   "seconds_per_edit", "peak_rss_mb")}
     out.update(metrics=report["metrics"], metrics_pre=report["metrics_pre"], files=files)

@@ -22,7 +22,9 @@ from fedit.api import edit
 from fedit.core.probe import teacher_forced
 from fedit.core.tokens import pad_id
 from fedit.data.records import EvalRecord
+from fedit.deltas import AppliedEdit
 from fedit.evaluate import metrics as M
+from fedit.evaluate.checkpoint import Checkpoint, CheckpointError, signature
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +163,23 @@ def _peak_rss_mb() -> float:
 
 
 def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | None = None,
-             hparams_file=None, resources=None, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Edit and measure. Returns the report (metrics pre/post, timings, per-record values)."""
+             hparams_file=None, resources=None, progress: Callable[[int], None] | None = None,
+             checkpoint_dir=None, resume: bool = False) -> dict[str, Any]:
+    """Edit and measure. Returns the report (metrics pre/post, timings, per-record values).
+
+    With ``cfg.sequential`` and a ``checkpoint_dir``, the run is checkpointed after every batch
+    (:mod:`fedit.evaluate.checkpoint`); ``resume=True`` continues from the checkpoint there
+    (same records, method, batch size, model and overrides), and without it an existing
+    checkpoint is refused rather than overwritten.
+    """
     t0 = time.perf_counter()
-    raw_pre = measure(lm, records)
+    ckpt = None
+    if cfg.sequential and checkpoint_dir is not None:
+        ckpt = Checkpoint(checkpoint_dir, signature(lm, records, cfg, overrides, hparams_file))
+        if ckpt.exists() and not resume:
+            raise CheckpointError(f"{ckpt.dir} holds the checkpoint of an earlier run.",
+                                  "pass --resume to continue it, or use another --out folder.")
     flu_idx = _fluency_subset(records, cfg)
-    gen_pre = _generate_for(lm, records, flu_idx, cfg)
     gen_post: dict[int, str] = {}
     B = cfg.batch_size or len(records)
     batches = [list(range(s, min(s + B, len(records)))) for s in range(0, len(records), B)]
@@ -177,7 +190,28 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
     state = None  # carried between batches only when they accumulate (AlphaEdit)
     per_batch: list[dict[str, Any]] = []
     done: list[int] = []
+    start, touched = 0, set()
+    if ckpt is not None and resume and ckpt.exists():
+        weights, state, doc = ckpt.load()
+        params = dict(lm.model.named_parameters())
+        originals = {n: params[n].detach().clone() for n in weights}
+        with torch.no_grad():
+            for n, w in weights.items():
+                params[n].copy_(w.to(device=params[n].device, dtype=params[n].dtype))
+        applied.append(AppliedEdit(model=lm.model, deltas=None, originals=originals))
+        touched = set(weights)
+        start, per_batch, done = doc["batches_done"], doc["per_batch"], doc["done"]
+        edit_seconds, target_seconds, from_cache = doc["edit_seconds"], doc["target_seconds"], doc["from_cache"]
+        raw_pre, gen_pre = doc["raw_pre"], doc["gen_pre"]
+        log.info("resuming from %s after batch %d of %d", ckpt.dir, start, len(batches))
+        if progress:
+            progress(len(done))
+    else:
+        raw_pre = measure(lm, records)
+        gen_pre = _generate_for(lm, records, flu_idx, cfg)
     for bi, b in enumerate(batches):
+        if bi < start:
+            continue
         res = edit(lm, [records[i].request for i in b], method=cfg.method, overrides=overrides,
                    hparams_file=hparams_file, resources=resources, state=state if cfg.sequential else None)
         state = res.outcome.state
@@ -189,6 +223,12 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
             done.extend(b)
             if cfg.track_batches and len(batches) > 1 and bi < len(batches) - 1:  # the last: the final measure
                 per_batch.append(_checkpoint(lm, records, done, raw_pre, flu_idx, cfg, bi + 1, edit_seconds))
+            touched |= set(res.applied.originals)
+            if ckpt is not None:
+                ckpt.save(lm.model, touched, state, {
+                    "batches_done": bi + 1, "per_batch": per_batch, "done": done, "edit_seconds": edit_seconds,
+                    "target_seconds": target_seconds, "from_cache": from_cache, "raw_pre": raw_pre,
+                    "gen_pre": gen_pre})
         else:
             for i, r in zip(b, measure(lm, [records[i] for i in b])):
                 raw_post[i] = r
@@ -219,6 +259,7 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
         "seconds_per_edit": round(edit_seconds / max(1, len(records)), 4),
         "target_seconds_share": round(target_seconds / edit_seconds, 4) if edit_seconds else None,
         "targets_from_cache": from_cache,  # their optimisation time is not in edit_seconds
+        "resumed_after_batch": start or None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "peak_cuda_mb": (round(torch.cuda.max_memory_allocated(lm.device) / 2**20, 1)
                          if lm.device.type == "cuda" else None),

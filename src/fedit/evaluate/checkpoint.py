@@ -1,0 +1,127 @@
+"""Checkpoints of a sequential ``fedit eval`` run, so that a long run survives being stopped.
+
+After every batch the runner writes, under ``OUT/checkpoint/``:
+
+- ``weights.safetensors``: the current values of every parameter the run has touched so far
+  (values, not deltas: a resumed run continues from exactly the same weights);
+- ``state.pt``: a stateful method's state (AlphaEdit's keys of the edits so far), tensors only;
+- ``progress.json``: batches done, the per-batch curve, timings, the unedited model's
+  measurements, and the run's signature (method, dataset records, batch size, model,
+  hyperparameter overrides) that a resume must match.
+
+Each file is written to a temporary name and renamed; ``progress.json`` last, so a checkpoint
+is either the previous one or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fedit.errors import FeditError
+
+VERSION = 1
+
+
+class CheckpointError(FeditError):
+    pass
+
+
+def signature(lm, records, cfg, overrides: dict | None, hparams_file) -> dict[str, Any]:
+    ids = hashlib.sha256(json.dumps([[r.case_id, r.request.prompt, r.request.subject, r.request.target_new]
+                                     for r in records], default=str).encode()).hexdigest()[:16]
+    return {"version": VERSION, "model": lm.identity()["fingerprint"], "method": cfg.method, "dataset": cfg.dataset,
+            "n": len(records), "records": ids, "batch_size": cfg.batch_size, "fluency_records": cfg.fluency_records,
+            "track_batches": cfg.track_batches, "seed": cfg.seed,
+            "overrides": {k: v for k, v in (overrides or {}).items() if v is not None},
+            "hparams_file": str(hparams_file) if hparams_file else None}
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _state_to_file(state) -> dict[str, Any] | None:
+    if state is None:
+        return None
+    if not is_dataclass(state):
+        raise CheckpointError(f"cannot checkpoint a method state of type {type(state).__name__}.",
+                              "run without --sequential checkpoints or give the state a dataclass form.")
+    out: dict[str, Any] = {"class": f"{type(state).__module__}:{type(state).__qualname__}"}
+    for f in fields(state):
+        v = getattr(state, f.name)
+        out[f.name] = {str(k): t.detach().cpu() for k, t in v.items()} if isinstance(v, dict) else v
+    return out
+
+
+def _state_from_file(data: dict[str, Any] | None):
+    if data is None:
+        return None
+    module, _, name = data.pop("class").partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    kwargs = {}
+    for f in fields(cls):
+        v = data.get(f.name)
+        kwargs[f.name] = {int(k): t for k, t in v.items()} if isinstance(v, dict) else v
+    return cls(**kwargs)
+
+
+def _raw_to_json(raw: list[dict]) -> list[dict]:
+    return [{g: {str(i): s for i, s in per.items()} for g, per in r.items()} for r in raw]
+
+
+def _raw_from_json(raw: list[dict]) -> list[dict]:
+    return [{g: {int(i): s for i, s in per.items()} for g, per in r.items()} for r in raw]
+
+
+class Checkpoint:
+    def __init__(self, folder: str | os.PathLike, sig: dict[str, Any]):
+        self.dir = Path(folder)
+        self.sig = sig
+
+    @property
+    def progress_file(self) -> Path:
+        return self.dir / "progress.json"
+
+    def exists(self) -> bool:
+        return self.progress_file.exists()
+
+    def save(self, model: torch.nn.Module, names: set[str], state, progress: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        params = dict(model.named_parameters())
+        weights = {n: params[n].detach().cpu().contiguous() for n in sorted(names)}
+        _atomic(self.dir / "weights.safetensors", lambda p: save_file(weights, str(p)))
+        _atomic(self.dir / "state.pt", lambda p: torch.save(_state_to_file(state), p))
+        doc = {"signature": self.sig, **progress, "raw_pre": _raw_to_json(progress["raw_pre"]),
+               "gen_pre": {str(k): v for k, v in progress["gen_pre"].items()}}
+        _atomic(self.progress_file, lambda p: p.write_text(json.dumps(doc)))
+
+    def load(self) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
+        """(weights, state, progress) of the last completed batch; checks the signature."""
+        try:
+            doc = json.loads(self.progress_file.read_text())
+            weights = load_file(str(self.dir / "weights.safetensors"))
+            state = _state_from_file(torch.load(self.dir / "state.pt", weights_only=True))
+        except (OSError, ValueError, KeyError, SafetensorError, RuntimeError) as e:
+            raise CheckpointError(f"the checkpoint in {self.dir} is damaged ({e}).",
+                                  f"delete {self.dir} to start the run again from the first batch.") from e
+        if doc.get("signature") != self.sig:
+            diff = sorted(k for k in set(self.sig) | set(doc.get("signature") or {})
+                          if (doc.get("signature") or {}).get(k) != self.sig.get(k))
+            raise CheckpointError(f"the checkpoint in {self.dir} is of another run (differs in {diff}).",
+                                  "resume with the same command, or use another --out folder.")
+        for k in ("raw_pre",):
+            doc[k] = _raw_from_json(doc[k])
+        doc["gen_pre"] = {int(k): v for k, v in doc["gen_pre"].items()}
+        return weights, state, doc
