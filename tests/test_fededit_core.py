@@ -141,3 +141,24 @@ def test_pmet_clients_share_vectors_and_alphaedit_needs_paper_mode(tiny_cache):
     up = c.local_edit(0, [EIFFEL], ["f0"])
     d = FedEditClient("d", tiny_model("gpt2"), ae, resources(tiny_cache), mode="paper", method="alphaedit")
     assert d.reuse(0, up)["applied"] == 1 and d.current_deltas()
+
+
+def test_alphaedit_client_carries_its_keys_across_slots_and_through_its_saved_state(tiny_cache):
+    over = {**FAST, "layers": [1, 2], "v_lr": 0.5}
+    lm = tiny_model("gpt2")
+    ae = hparams_for("alphaedit", lm, over)
+    c = FedEditClient("c", lm, ae, resources(tiny_cache), mode="paper", share_requests=True, method="alphaedit")
+    c.local_edit(0, [EIFFEL], ["f0"])
+    first = {l: t.clone() for l, t in c.method_state.kk.items()}
+    assert c.method_state.edits == 1
+    c.local_edit(1, [JORDAN, DARRIEUX], ["f1", "f2"])
+    assert c.method_state.edits == 3
+    assert all(not torch.equal(first[l], c.method_state.kk[l]) for l in first)  # slot 2's keys added
+    saved, deltas = c.state(), c.current_deltas()
+    # an engine may rebuild the client in a new process from its saved state
+    d = FedEditClient("c", tiny_model("gpt2"), ae, resources(tiny_cache), mode="paper", share_requests=True,
+                      method="alphaedit")
+    d.load_state(saved)
+    assert d.method_state.edits == 3
+    assert all(torch.equal(d.method_state.kk[l], c.method_state.kk[l]) for l in first)
+    assert all(torch.allclose(d.current_deltas()[n], deltas[n]) for n in deltas)

@@ -134,12 +134,26 @@ class FedEditClient:
         self.vectors: EditVectors | None = None  # private: every fact held (own and reused)
         self.fact_ids: list[str] = []  # private: row ids of self.vectors; paper: facts applied
         self.applied: list[AppliedEdit] = []  # edits now on the model
+        # paper mode, stateful method (AlphaEdit): the keys of every edit now on the model, so that
+        # each slot's edit is projected away from the ones of earlier slots
+        self.method_state = None
 
     # --- the model's state ------------------------------------------------------------
     def to_base(self) -> None:
         for a in reversed(self.applied):
             a.revert()
         self.applied = []
+        self.method_state = None
+
+    def _edit_in_place(self, requests: list[EditRequest], zs: torch.Tensor | None = None):
+        """Paper mode: compute the method's edit on the model as it is now and apply it."""
+        extra = {"state": self.method_state} if self.method.stateful else {}
+        out = self.method.compute(self.lm, requests, self.hp, self.res, zs=zs, **extra)
+        out.deltas.with_originals(self.lm.model)
+        self.applied.append(out.deltas.apply(self.lm.model, check_base=False))
+        if self.method.stateful:
+            self.method_state = out.state
+        return out
 
     def _solve_and_apply(self) -> None:
         self.to_base()
@@ -164,7 +178,11 @@ class FedEditClient:
                  **{f"v.resid.{l}": r for l, r in self.vectors.resids.items()}}
         elif self.mode == "paper":
             arrays = {f"d.{n}": d for n, d in self.current_deltas().items()}
-        return {"arrays": arrays, "fact_ids": list(self.fact_ids), "report": self.report.to_dict()}
+        extra = {}
+        if self.method_state is not None:  # AlphaEdit: Σ K Kᵀ of the edits on the model
+            arrays.update({f"s.kk.{l}": t for l, t in self.method_state.kk.items()})
+            extra["method_state_edits"] = self.method_state.edits
+        return {"arrays": arrays, "fact_ids": list(self.fact_ids), "report": self.report.to_dict(), **extra}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.to_base()
@@ -182,6 +200,12 @@ class FedEditClient:
             if deltas:
                 wd = WeightDeltas(deltas=deltas, method="memit", model=self.lm.identity())
                 self.applied = [wd.apply(self.lm.model, check_base=False)]
+            kk = {int(k.rsplit(".", 1)[1]): v for k, v in arrays.items() if k.startswith("s.kk.")}
+            if kk and self.method.stateful:
+                from fedit.methods.alphaedit import AlphaEditState
+
+                self.method_state = AlphaEditState(kk=kk, edits=int(state.get("method_state_edits", 0)),
+                                                   fingerprint=self.base)
 
     def _h(self, requests: list[EditRequest]) -> torch.Tensor:
         L = self.hp.layers[-1]
@@ -213,12 +237,10 @@ class FedEditClient:
             meta = [{"fact": f, "base": self.base} for f in fact_ids]
             zs = vec.zs
         else:
-            out = self.method.compute(self.lm, requests, self.hp, self.res)
+            out = self._edit_in_place(requests)
             t_target = out.target_seconds
             diag = out.diagnostics
             zs = (diag["vectors"].zs if "vectors" in diag else diag["zs"]).float().cpu()
-            out.deltas.with_originals(self.lm.model)
-            self.applied.append(out.deltas.apply(self.lm.model, check_base=False))
             self.fact_ids += list(fact_ids)
             payloads = [{} for _ in requests]
             meta = [{"fact": f, "base": self.base, **({"request": q.to_dict()} if self.share_requests else {})}
@@ -274,9 +296,7 @@ class FedEditClient:
                 if usable:
                     reqs = [EditRequest.from_dict(hits.meta[i]["request"]) for i in usable]
                     zs = torch.stack([hits.payloads[i].get("z", hits.vectors[i]) for i in usable]).float()
-                    out = self.method.compute(self.lm, reqs, self.hp, self.res, zs=zs)
-                    out.deltas.with_originals(self.lm.model)
-                    self.applied.append(out.deltas.apply(self.lm.model, check_base=False))
+                    self._edit_in_place(reqs, zs=zs)
                     self.fact_ids += [str(hits.meta[i].get("fact")) for i in usable]
                     info["applied"] = len(usable)
         secs = time.perf_counter() - t0

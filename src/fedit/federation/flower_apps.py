@@ -115,8 +115,8 @@ def _client(s: FedSettings, context: Context):
 def _save(client: FedEditClient, context: Context) -> None:
     st = client.state()
     context.state["fededit"] = _arrays(st["arrays"]) if st["arrays"] else ArrayRecord()
-    context.state["fededit.meta"] = ConfigRecord({"json": json.dumps({"fact_ids": st["fact_ids"],
-                                                                      "report": st["report"]})})
+    meta = {k: v for k, v in st.items() if k != "arrays"}  # fact ids, report, method state's counters
+    context.state["fededit.meta"] = ConfigRecord({"json": json.dumps(meta)})
 
 
 def _slot_records(s: FedSettings, records, slot: int):
