@@ -131,3 +131,18 @@ def test_edit_with_pmet_and_alphaedit(model_dir, tmp_path, capsys, method):
     from fedit.deltas import WeightDeltas
 
     assert WeightDeltas.load(tmp_path / "e.safetensors").method == method
+
+
+def test_eval_reuses_cached_targets_and_sequential_run_leaves_no_checkpoint(model_dir, tmp_path, capsys):
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps({**FAST, "layers": [1, 2]}))
+    common = ["--method", "memit", "--dataset", "counterfact", "--n", "2", "--fluency-n", "0", "--hparams", str(hp),
+              "--corpus", str(CORPUS), "--model", str(model_dir), "--cache-dir", str(tmp_path / "c"),
+              "--target-precision", "bfloat16", "--target-cache", str(tmp_path / "targets"), "--json"]
+    for i, expect in enumerate([0, 2]):
+        code, out = _run(capsys, ["eval", *common, "--out", str(tmp_path / f"r{i}")])
+        assert code == 0
+        assert json.loads((tmp_path / f"r{i}" / "report.json").read_text())["targets_from_cache"] == expect
+    code, out = _run(capsys, ["eval", *common, "--batch-size", "1", "--sequential", "--out", str(tmp_path / "s")])
+    assert code == 0 and [r["edits"] for r in out["per_batch"]] == [0, 1, 2]
+    assert not (tmp_path / "s" / "checkpoint").exists()  # a finished run removes its checkpoint
