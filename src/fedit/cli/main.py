@@ -38,7 +38,7 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
 def precision_arg(p: argparse.ArgumentParser, cache: bool = False) -> None:
     p.add_argument("--target-precision", default=None, choices=["float32", "bfloat16", "float16"],
                    help="precision of target optimisation (default: the hyperparameter file's, float32); "
-                        "bfloat16 is ~1.7x faster on CPUs with AMX and on GPUs")
+                        "bfloat16 is ~1.4x faster on CPUs with AMX and on GPUs")
     if cache:
         p.add_argument("--target-cache", default=None, metavar="DIR",
                        help="keep optimised target vectors in DIR and reuse them (an interrupted run resumes; "

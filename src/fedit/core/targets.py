@@ -13,8 +13,8 @@ their output is cached and the upper blocks are re-run with the arguments each g
 time (``hooks.record_block_calls``). Logits are formed only at target and KL positions.
 With ``autocast`` ("bfloat16"/"float16") the forward and backward passes run under
 ``torch.autocast`` while δ, h and the optimiser stay in float32: on CPUs with bfloat16 matrix
-units (AMX) this is about 1.7x faster for MEMIT's targets on Gemma 3 270M, and z agrees with the
-float32 one to about 0.5 % (docs/benchmarks.md).
+units (AMX) this is about 1.4x faster for MEMIT's targets on Gemma 3 270M, and z agrees with the
+float32 one to about 1 % (docs/benchmarks.md).
 
 A ``cache`` (any object with ``keys``/``get``/``put``, e.g. :class:`fedit.target_cache.TargetCache`)
 returns results already optimised for the same model weights, configuration, templates and

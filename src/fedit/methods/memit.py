@@ -33,7 +33,7 @@ class MemitHparams:
     kl_factor: float = 0.0625
     nll_stop: float = 0.05
     # "float32" (default) or "bfloat16"/"float16": target optimisation under torch.autocast
-    # (~1.7x faster on CPUs with AMX, z within ~0.5 %; weights and solves stay float32)
+    # (~1.4x faster on CPUs with AMX, z within ~1 %; weights and solves stay float32)
     target_precision: str = "float32"
     mom2_update_weight: float = 15000.0
     mom2_samples: int = 1000

@@ -29,7 +29,7 @@ class RomeHparams:
     kl_factor: float = 0.0625
     nll_stop: float = 0.05
     # "float32" (default) or "bfloat16"/"float16": target optimisation under torch.autocast
-    # (~1.7x faster on CPUs with AMX, z within ~0.5 %; weights and solves stay float32)
+    # (~1.4x faster on CPUs with AMX, z within ~1 %; weights and solves stay float32)
     target_precision: str = "float32"
     mom2_adjustment: bool = True
     mom2_samples: int = 1000
