@@ -67,7 +67,7 @@ def test_end_to_end_eval_on_tiny_model(tiny_cache, tmp_path):
               "portability_acc", "locality"):
         assert k in post, k
     assert post["efficacy_magnitude"] > pre["efficacy_magnitude"]
-    assert report["n"] == 3 and "seconds_per_edit" in report and len(report["generations"]) == 2
+    assert report["n"] == 3 and len(report["generations"]) == 2
     files = write(report, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "report.json").read_text())["method"] == "memit"
     assert "| efficacy_success | success |" in (tmp_path / "out" / "report.md").read_text()

@@ -39,10 +39,7 @@ def edit(lm, requests: Iterable[EditRequest | dict], method: str = "memit", hpar
     reqs = as_requests(requests)
     m = get_method(method)
     hp = hparams if hparams is not None else hparams_for(m.name, lm, overrides, hparams_file)
-    if m.stateful:
-        outcome = m.compute(lm, reqs, hp, resources or Resources(), state=state)
-    else:
-        outcome = m.compute(lm, reqs, hp, resources or Resources())
+    outcome = m.run(lm, reqs, hp, resources or Resources(), state=state)
     applied = None
     if apply:
         outcome.deltas.with_originals(lm.model)

@@ -36,7 +36,9 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
 
 
 def precision_arg(p: argparse.ArgumentParser, cache: bool = False) -> None:
-    p.add_argument("--target-precision", default=None, choices=["float32", "bfloat16", "float16"],
+    from fedit.methods.hparams import PRECISIONS
+
+    p.add_argument("--target-precision", default=None, choices=PRECISIONS,
                    help="precision of target optimisation (default: the hyperparameter file's, float32); "
                         "bfloat16 is ~1.4x faster on CPUs with AMX and on GPUs")
     if cache:
@@ -190,7 +192,7 @@ def _probe(lm, rows: list[dict], key: str) -> None:
 
 
 def cmd_edit(args) -> int:
-    from fedit.api import combined, edit
+    from fedit.api import combined, sequential_edit
     from fedit.requests import EditRequest, load_requests
 
     if args.requests:
@@ -214,11 +216,9 @@ def cmd_edit(args) -> int:
     t0 = time.perf_counter()
     batches = ([requests[i:i + args.sequential] for i in range(0, len(requests), args.sequential)]
                if args.sequential else [requests])
-    results, state = [], None
-    for b in batches:
-        results.append(edit(lm, b, method=args.method, overrides=overrides, hparams_file=args.hparams, resources=res,
-                            state=state))
-        state = results[-1].outcome.state  # AlphaEdit: the keys of the edits before
+    # one after another, a stateful method's state (AlphaEdit's keys) carried between batches
+    results = sequential_edit(lm, batches, method=args.method, overrides=overrides, hparams_file=args.hparams,
+                              resources=res)
     seconds = time.perf_counter() - t0
     _probe(lm, rows, "after")
     if args.save:

@@ -80,6 +80,18 @@ class TargetResult:
         return self.z - self.h
 
 
+def target_summaries(requests: list[EditRequest], results: list[TargetResult]) -> list[dict]:
+    """One JSON-ready line per request: case id, NLL before/after, steps, norms, whether cached."""
+    out = []
+    for q, r in zip(requests, results):
+        t = {"case_id": q.case_id, "nll_start": r.nll_start, "nll_end": r.nll_end, "steps": r.steps,
+             "delta_norm": float(r.delta.norm()), "h_norm": float(r.h.norm()), "cached": r.from_cache}
+        if r.joint_z is not None:  # PMET's attention target, optimised beside z
+            t.update(attn_delta_norm=float((r.joint_z - r.joint_h).norm()), attn_h_norm=float(r.joint_h.norm()))
+        out.append(t)
+    return out
+
+
 def _site_module(lm, site: str, layer: int):
     ad = lm.adapter
     names = {"w_out": ad.w_out_name, "block": ad.block_name, "attn": ad.attn_name}

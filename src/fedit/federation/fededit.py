@@ -37,10 +37,15 @@ import torch
 from fedit.core import activations
 from fedit.deltas import AppliedEdit, WeightDeltas
 from fedit.errors import FeditError
-from fedit.methods import Resources
-from fedit.methods import get_method
-from fedit.methods.vectors import (EditVectors, VectorError, check_finite, compute_vectors,
-                                   deltas_from_stats, sufficient_stats)
+from fedit.methods import Resources, get_method
+from fedit.methods.vectors import (
+    EditVectors,
+    VectorError,
+    check_finite,
+    compute_vectors,
+    deltas_from_stats,
+    sufficient_stats,
+)
 from fedit.requests import EditRequest
 
 MODES = ("private", "paper")
@@ -147,8 +152,7 @@ class FedEditClient:
 
     def _edit_in_place(self, requests: list[EditRequest], zs: torch.Tensor | None = None):
         """Paper mode: compute the method's edit on the model as it is now and apply it."""
-        extra = {"state": self.method_state} if self.method.stateful else {}
-        out = self.method.compute(self.lm, requests, self.hp, self.res, zs=zs, **extra)
+        out = self.method.run(self.lm, requests, self.hp, self.res, zs=zs, state=self.method_state)
         out.deltas.with_originals(self.lm.model)
         self.applied.append(out.deltas.apply(self.lm.model, check_base=False))
         if self.method.stateful:
@@ -227,7 +231,7 @@ class FedEditClient:
             if self.method.name == "memit" and getattr(self.hp, "form", "layerwise") == "base":
                 vec, reports, t_target = compute_vectors(self.lm, requests, self.hp, self.res)
             else:  # the method on the base model; its updates are the stats solve of these vectors
-                out = self.method.compute(self.lm, requests, self.hp, self.res)
+                out = self.method.run(self.lm, requests, self.hp, self.res)
                 vec, t_target = out.diagnostics["vectors"], out.target_seconds
             check_finite(vec, "this client's edit vectors")
             self.vectors = vec if self.vectors is None else EditVectors.cat([self.vectors, vec])
@@ -349,7 +353,7 @@ def fedavg_update(lm, hp, res: Resources, requests: list[EditRequest],
     """One client's update (MEMIT by default) computed on ``lm`` as it is (the current global model)."""
     if not requests:
         return {}, 0.0
-    out = get_method(method).compute(lm, requests, hp, res)
+    out = get_method(method).run(lm, requests, hp, res)
     return {n: d.float() for n, d in out.deltas.deltas.items()}, out.target_seconds
 
 

@@ -42,7 +42,7 @@ def centralised_reference(lm, records_by_client: dict[str, list], settings, zs: 
     t0 = time.perf_counter()
     have = zs or {}
     reuse = all(f in have for f in ids)  # else every target is optimised here, in one batch
-    out = method.compute(lm, reqs, hp, res, zs=torch.stack([have[f].float() for f in ids]) if reuse else None)
+    out = method.run(lm, reqs, hp, res, zs=torch.stack([have[f].float() for f in ids]) if reuse else None)
     edit_seconds = time.perf_counter() - t0
     kind = _kind(settings.dataset)
     all_recs = [r for recs in records_by_client.values() for r in recs]

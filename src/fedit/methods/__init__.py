@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedit.errors import FeditError
+from fedit.methods.alphaedit import AlphaEditHparams, AlphaEditState, compute_alphaedit
 from fedit.methods.base import EditOutcome, Resources
 from fedit.methods.hparams import load_hparams
-from fedit.methods.alphaedit import AlphaEditHparams, AlphaEditState, compute_alphaedit
 from fedit.methods.memit import MemitHparams, compute_memit
 from fedit.methods.pmet import PmetHparams, compute_pmet
 from fedit.methods.rome import RomeHparams, compute_rome
@@ -25,6 +25,14 @@ class Method:
     hparams_class: type
     compute: Callable[..., EditOutcome]
     stateful: bool = False  # takes state= and returns EditOutcome.state (sequential editing)
+
+    def run(self, lm, requests, hparams, resources: Resources, zs=None, state=None) -> EditOutcome:
+        """``compute`` with what this method takes: ``zs`` (precomputed targets) when given,
+        ``state`` (the previous sequential batch's ``outcome.state``) when it is stateful."""
+        kw: dict[str, Any] = {} if zs is None else {"zs": zs}
+        if self.stateful:
+            kw["state"] = state
+        return self.compute(lm, requests, hparams, resources, **kw)
 
 
 METHODS: dict[str, Method] = {

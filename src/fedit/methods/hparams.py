@@ -17,6 +17,18 @@ from fedit.errors import HparamsError
 
 T = TypeVar("T")
 
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+def autocast_for(target_precision: str) -> str | None:
+    """``TargetConfig.autocast`` for a ``target_precision`` hyperparameter (None: plain float32).
+
+    Raises :class:`HparamsError` for any other value."""
+    if target_precision not in PRECISIONS:
+        raise HparamsError(f"target_precision must be one of {PRECISIONS}, got {target_precision!r}.",
+                           "use bfloat16 for speed on CPUs with AMX or on GPUs, float32 for exact runs.")
+    return None if target_precision == "float32" else target_precision
+
 
 def auto_layers(method: str, n_layers: int) -> list[int]:
     """Early-middle layers, where causal tracing finds factual recall in GPT-style models."""

@@ -12,13 +12,14 @@ import torch
 from fedit.core import activations
 from fedit.core.pullback import pull_back
 from fedit.core.solve import memit_delta
-from fedit.core.targets import TargetConfig
+from fedit.core.targets import TargetConfig, target_summaries
 from fedit.core.targets import compute_targets as compute_targets_batched
 from fedit.core.templates import flat
 from fedit.core.tokens import validate_for_tokenizer
 from fedit.deltas import WeightDeltas
 from fedit.errors import HparamsError
 from fedit.methods.base import EditOutcome, Resources
+from fedit.methods.hparams import autocast_for
 from fedit.methods.vectors import EditVectors, compute_memit_base
 from fedit.requests import EditRequest
 
@@ -57,9 +58,7 @@ class MemitHparams:
         if self.mom2_update_weight < 0:
             raise HparamsError(f"mom2_update_weight must be ≥ 0, got {self.mom2_update_weight}.",
                                "use e.g. 15000 (GPT-J) or 20000 (GPT-2 XL).")
-        if self.target_precision not in ("float32", "bfloat16", "float16"):
-            raise HparamsError(f"target_precision must be float32, bfloat16 or float16, got {self.target_precision!r}.",
-                               "use bfloat16 for speed on CPUs with AMX or on GPUs, float32 for exact runs.")
+        autocast_for(self.target_precision)  # validates
         if self.v_num_grad_steps < 0 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
             raise HparamsError("v_num_grad_steps must be ≥ 0 and v_lr, clamp_norm_factor > 0.",
                                "fix the values in the hyperparameter file.")
@@ -71,7 +70,7 @@ class MemitHparams:
         return TargetConfig(layer=self.layers[-1], site="block", steps=self.v_num_grad_steps, lr=self.v_lr,
                             clamp=self.clamp_norm_factor, kl_factor=self.kl_factor,
                             weight_decay=self.v_weight_decay, nll_stop=self.nll_stop,
-                            autocast=None if self.target_precision == "float32" else self.target_precision)
+                            autocast=autocast_for(self.target_precision))
 
 
 def compute_targets(lm, requests: list[EditRequest], hp: MemitHparams, templates: list[str], cache=None):
@@ -195,17 +194,6 @@ def to_weight_deltas(lm, deltas: dict[int, torch.Tensor], method: str, requests:
         out[name] = ad.to_param_layout(d).to(params[name].dtype).cpu()
     return WeightDeltas(deltas=out, method=method, model=lm.identity(), requests=[r.to_dict() for r in requests],
                         hparams=dataclasses.asdict(hp))
-
-
-def target_summaries(requests: list[EditRequest], results) -> list[dict]:
-    out = []
-    for q, r in zip(requests, results):
-        t = {"case_id": q.case_id, "nll_start": r.nll_start, "nll_end": r.nll_end, "steps": r.steps,
-             "delta_norm": float(r.delta.norm()), "h_norm": float(r.h.norm()), "cached": r.from_cache}
-        if getattr(r, "joint_z", None) is not None:  # PMET's attention target, optimised beside z
-            t.update(attn_delta_norm=float((r.joint_z - r.joint_h).norm()), attn_h_norm=float(r.joint_h.norm()))
-        out.append(t)
-    return out
 
 
 def block_residual(lm, zs: torch.Tensor, layer: int) -> Residual:

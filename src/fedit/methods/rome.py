@@ -10,12 +10,13 @@ import torch
 
 from fedit.core import activations
 from fedit.core.solve import rome_delta
-from fedit.core.targets import TargetConfig, compute_targets
+from fedit.core.targets import TargetConfig, compute_targets, target_summaries
 from fedit.core.templates import flat
 from fedit.core.tokens import validate_for_tokenizer
 from fedit.deltas import WeightDeltas
 from fedit.errors import HparamsError
 from fedit.methods.base import EditOutcome, Resources
+from fedit.methods.hparams import autocast_for
 from fedit.requests import EditRequest
 
 
@@ -40,9 +41,7 @@ class RomeHparams:
         if len(self.layers) != 1:
             raise HparamsError(f"ROME edits exactly one layer, got layers={self.layers}.",
                                "pass one layer (--layers 5) or use MEMIT for several.")
-        if self.target_precision not in ("float32", "bfloat16", "float16"):
-            raise HparamsError(f"target_precision must be float32, bfloat16 or float16, got {self.target_precision!r}.",
-                               "use bfloat16 for speed on CPUs with AMX or on GPUs, float32 for exact runs.")
+        autocast_for(self.target_precision)  # validates
         if self.v_num_grad_steps < 0 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
             raise HparamsError("v_num_grad_steps must be ≥ 0 and v_lr, clamp_norm_factor > 0.",
                                "fix the values in the hyperparameter file.")
@@ -51,7 +50,7 @@ class RomeHparams:
         return TargetConfig(layer=self.layers[0], site="w_out", steps=self.v_num_grad_steps, lr=self.v_lr,
                             clamp=self.clamp_norm_factor, kl_factor=self.kl_factor,
                             weight_decay=self.v_weight_decay, nll_stop=self.nll_stop,
-                            autocast=None if self.target_precision == "float32" else self.target_precision)
+                            autocast=autocast_for(self.target_precision))
 
 
 def compute_rome(lm, requests: list[EditRequest], hp: RomeHparams, res: Resources) -> EditOutcome:
@@ -81,8 +80,7 @@ def compute_rome(lm, requests: list[EditRequest], hp: RomeHparams, res: Resource
             with torch.no_grad():
                 param.add_(ad.to_param_layout(delta).to(param.dtype))
             total += delta
-            targets.append({"case_id": req.case_id, "cached": tr.from_cache, "nll_start": tr.nll_start, "nll_end": tr.nll_end,
-                            "steps": tr.steps, "delta_norm": float(tr.delta.norm()), "h_norm": float(tr.h.norm())})
+            targets += target_summaries([req], [tr])
     finally:
         with torch.no_grad():
             param.copy_(original)
