@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_500.json"
 SHOWN = {"counterfact": ["score", "efficacy_success", "paraphrase_success", "neighborhood_success", "efficacy_acc",
                          "locality"],
          "zsre": ["efficacy_acc", "paraphrase_acc", "specificity_acc"]}
@@ -35,31 +33,39 @@ def _layer_sets(text: str) -> list[list[int]]:
     return out
 
 
+def _scales(point: dict) -> str:
+    scales = point.get("step_scales")
+    return "—" if scales is None else " ".join(f"{s:g}" for s in scales)
+
+
 def _markdown(doc: dict) -> str:
     keys = SHOWN[doc["dataset"]]
     rows = sorted(doc["points"], key=lambda p: -p["metrics"].get(keys[0], 0))
     lines = [f"# MEMIT sweep: {doc['model']}, {doc['dataset']}, {doc['n']} records, one batch", "",
              "Unedited: " + ", ".join(f"{k} {100 * doc['pre'][k]:.1f}" for k in keys if k in doc["pre"]), "",
-             "| layers | λ | " + " | ".join(keys) + " | mean residual left | s |",
-             "|---|---|" + "---|" * len(keys) + "---|---|"]
+             "| layers | λ | " + " | ".join(keys) + " | mean residual left | step scales | s |",
+             "|---|---|" + "---|" * len(keys) + "---|---|---|"]
     for p in rows:
         m = p["metrics"]
         lines.append(f"| {p['layers'][0]}–{p['layers'][-1]} | {p['lambda']:g} | "
                      + " | ".join(f"{100 * m[k]:.1f}" if k in m else "—" for k in keys)
-                     + f" | {p['residual_left']:.2f} | {p['seconds']:.0f} |")
+                     + f" | {p['residual_left']:.2f} | {_scales(p)} | {p['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="counterfact", choices=["counterfact", "zsre"])
-    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--data", default=None, help="dataset file (default: the sample shipped with fedit)")
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--layers", default="3-6,4-7,5-8", help="layer ranges, e.g. 3-6,4-7")
     ap.add_argument("--lambdas", default="300,1000,3000", help="values of mom2_update_weight")
     ap.add_argument("--target-precision", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--target-cache", default=None)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--hparams", default=None, help="JSON file of MEMIT hyperparameters to sweep around")
+    ap.add_argument("--corpus", default=None, help="text for second moments (default: shipped WikiText-2 sample)")
+    ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True)
@@ -77,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "sweep.json"
-    lm = fedit.load_model(args.model or fedit.DEFAULT_MODEL, device=args.device)
+    lm = fedit.load_model(args.model or fedit.DEFAULT_MODEL, device=args.device, cache_dir=args.cache_dir)
     records = load_records(args.dataset, args.data, n=args.n)
-    res = Resources(target_cache=args.target_cache)
+    res = Resources(cache_dir=args.cache_dir, corpus=args.corpus, target_cache=args.target_cache)
     doc = json.loads(path.read_text()) if path.exists() else {}
     if doc.get("n") != len(records) or doc.get("dataset") != args.dataset or doc.get("data") != args.data:
         doc = {"model": lm.name, "dataset": args.dataset, "data": args.data, "n": len(records), "points": []}
@@ -94,13 +100,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         overrides = {"layers": layers, "mom2_update_weight": lam, "target_precision": args.target_precision}
-        result = fedit.edit(lm, [r.request for r in records], method="memit", overrides=overrides, resources=res)
+        result = fedit.edit(lm, [r.request for r in records], method="memit", overrides=overrides,
+                             hparams_file=args.hparams, resources=res)
         raw = measure(lm, records)
         result.applied.revert()
         norms = result.outcome.diagnostics.get("residual_norms") or [1.0]
         point = {"layers": layers, "lambda": lam,
                  "metrics": aggregate([record_metrics(r, p, args.dataset) for r, p in zip(raw, raw_pre)]),
                  "residual_left": norms[-1] / norms[0] if norms[0] else 0.0,
+                 # 0 for a layer whose update backtracking rejected (it wrote nothing)
+                 "step_scales": result.outcome.diagnostics.get("step_scales"),
                  "targets_from_cache": sum(bool(t.get("cached")) for t in result.outcome.targets),
                  "seconds": time.perf_counter() - t0}
         doc["points"].append(point)

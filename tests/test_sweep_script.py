@@ -1,0 +1,44 @@
+"""benchmarks/sweep_memit.py on a tiny model: every point measured once, reruns skip done points."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+from helpers import CORPUS, FAST
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep_memit.py"
+
+
+def _sweep():
+    spec = importlib.util.spec_from_file_location("sweep_memit", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sweep_writes_points_and_resumes(tiny_model_dir, tmp_path, capsys):
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps(FAST))
+    common = ["--model", str(tiny_model_dir), "--hparams", str(hp), "--corpus", str(CORPUS), "--cache-dir",
+              str(tmp_path / "cache"), "--target-cache", str(tmp_path / "targets"), "--n", "2",
+              "--out", str(tmp_path / "out")]
+    sweep = _sweep()
+    assert sweep.main([*common, "--layers", "1-2,2", "--lambdas", "10,1000"]) == 0
+    doc = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert {(tuple(p["layers"]), p["lambda"]) for p in doc["points"]} == {
+        ((1, 2), 10.0), ((1, 2), 1000.0), ((2,), 10.0), ((2,), 1000.0)}
+    for p in doc["points"]:
+        assert len(p["step_scales"]) == len(p["layers"]) and 0.0 <= p["residual_left"]
+        assert 0.0 <= p["metrics"]["score"] <= 1.0
+    # the z of layer 2 are optimised once: every later point takes all of them from the cache
+    assert sorted(p["targets_from_cache"] for p in doc["points"]) == [0, 2, 2, 2]
+    # a smaller λ leaves less of the residual (the same keys, a weaker prior)
+    by = {(tuple(p["layers"]), p["lambda"]): p for p in doc["points"]}
+    assert by[((2,), 10.0)]["residual_left"] < by[((2,), 1000.0)]["residual_left"]
+    table = (tmp_path / "out" / "sweep.md").read_text()
+    assert table.count("\n| ") == 5  # header + 4 points
+    capsys.readouterr()
+    # a rerun with one more λ measures only the new points
+    assert sweep.main([*common, "--layers", "2", "--lambdas", "10,100"]) == 0
+    doc = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert len(doc["points"]) == 5 and doc["points"][-1]["lambda"] == 100.0
