@@ -8,7 +8,8 @@ batch, measured and the edit reverted. The targets z depend only on the last edi
 with ``--target-cache`` every layer set that ends on the same layer, and every λ, reuses the
 same z: the sweep costs one target optimisation per distinct last layer plus a solve and a
 measurement per point. Each point is written to ``OUT/sweep.json`` as soon as it is done (a
-killed sweep keeps what it measured; rerunning skips the points already there), and
+killed sweep keeps what it measured; rerunning with the same settings skips the points already
+there, and a folder holding a sweep made with other settings is refused, never overwritten), and
 ``OUT/sweep.md`` holds the table sorted by score (CounterFact) or efficacy (zsRE).
 """
 
@@ -81,14 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     from fedit.methods import Resources
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "sweep.json"
-    lm = fedit.load_model(args.model or fedit.DEFAULT_MODEL, device=args.device, cache_dir=args.cache_dir)
+    # everything besides the layers and λ that the points depend on: a rerun adds points only to a
+    # sweep made with the same setup, and never overwrites one made with another
+    setup = {"model": args.model or fedit.DEFAULT_MODEL, "dataset": args.dataset, "data": args.data,
+             "n": args.n, "hparams": json.loads(Path(args.hparams).read_text()) if args.hparams else None,
+             "corpus": args.corpus, "target_precision": args.target_precision}
+    doc = json.loads(path.read_text()) if path.exists() else {"setup": setup, "points": []}
+    if doc.get("setup") != setup:
+        differ = sorted(k for k in setup if (doc.get("setup") or {}).get(k) != setup[k])
+        print(f"error: {path} holds a sweep made with other settings ({', '.join(differ)}); "
+              "pass another --out, or the same settings to add points to it", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    lm = fedit.load_model(setup["model"], device=args.device, cache_dir=args.cache_dir)
     records = load_records(args.dataset, args.data, n=args.n)
     res = Resources(cache_dir=args.cache_dir, corpus=args.corpus, target_cache=args.target_cache)
-    doc = json.loads(path.read_text()) if path.exists() else {}
-    if doc.get("n") != len(records) or doc.get("dataset") != args.dataset or doc.get("data") != args.data:
-        doc = {"model": lm.name, "dataset": args.dataset, "data": args.data, "n": len(records), "points": []}
+    doc.update(model=lm.name, dataset=args.dataset, data=args.data, n=len(records))
     raw_pre = measure(lm, records)  # the unedited model (not kept in the file: a rerun measures again)
     doc["pre"] = aggregate([record_metrics(r, None, args.dataset) for r in raw_pre])
     done = {(tuple(p["layers"]), p["lambda"]) for p in doc["points"]}

@@ -40,5 +40,11 @@ def test_sweep_writes_points_and_resumes(tiny_model_dir, tmp_path, capsys):
     capsys.readouterr()
     # a rerun with one more λ measures only the new points
     assert sweep.main([*common, "--layers", "2", "--lambdas", "10,100"]) == 0
-    doc = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    saved = (tmp_path / "out" / "sweep.json").read_text()
+    doc = json.loads(saved)
     assert len(doc["points"]) == 5 and doc["points"][-1]["lambda"] == 100.0
+    # other hyperparameters into the same folder: refused with the reason, nothing lost
+    hp.write_text(json.dumps({**FAST, "v_num_grad_steps": 3}))
+    assert sweep.main([*common, "--layers", "2", "--lambdas", "10"]) == 2
+    assert "hparams" in capsys.readouterr().err
+    assert (tmp_path / "out" / "sweep.json").read_text() == saved
