@@ -144,7 +144,7 @@ def markdown(r: dict[str, Any]) -> str:
     if "fedavg" in r:
         lines.append("| FedAvg (mean of clients) | " + " | ".join(_pct(r["fedavg"]["post"].get(k)) for k in keys) + " |")
     if "centralised_mean_over_clients" in r:
-        lines.append("| centralised MEMIT on the union | " +
+        lines.append(f"| centralised {s['method'].upper()} on the union | " +
                      " | ".join(_pct(r["centralised_mean_over_clients"].get(k)) for k in keys) + " |")
     if "retention" in r:
         lines += ["", "Retention (FedEdit / centralised): " +
