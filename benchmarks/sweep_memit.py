@@ -40,9 +40,10 @@ def _scales(point: dict) -> str:
 
 
 def _markdown(doc: dict) -> str:
-    keys = SHOWN[doc["dataset"]]
+    dataset = doc["setup"]["dataset"]
+    keys = SHOWN[dataset]
     rows = sorted(doc["points"], key=lambda p: -p["metrics"].get(keys[0], 0))
-    lines = [f"# MEMIT sweep: {doc['model']}, {doc['dataset']}, {doc['n']} records, one batch", "",
+    lines = [f"# MEMIT sweep: {doc['model']}, {dataset}, {doc['n']} records, one batch", "",
              "Unedited: " + ", ".join(f"{k} {100 * doc['pre'][k]:.1f}" for k in keys if k in doc["pre"]), "",
              "| layers | λ | " + " | ".join(keys) + " | mean residual left | step scales | s |",
              "|---|---|" + "---|" * len(keys) + "---|---|---|"]
@@ -88,9 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     setup = {"model": args.model or fedit.DEFAULT_MODEL, "dataset": args.dataset, "data": args.data,
              "n": args.n, "hparams": json.loads(Path(args.hparams).read_text()) if args.hparams else None,
              "corpus": args.corpus, "target_precision": args.target_precision}
-    doc = json.loads(path.read_text()) if path.exists() else {"setup": setup, "points": []}
-    if doc.get("setup") != setup:
-        differ = sorted(k for k in setup if (doc.get("setup") or {}).get(k) != setup[k])
+    try:
+        doc = json.loads(path.read_text()) if path.exists() else {"setup": setup, "points": []}
+    except json.JSONDecodeError as e:
+        print(f"error: {path} is not a sweep file ({e}); pass another --out, or move the file away",
+              file=sys.stderr)
+        return 2
+    if not isinstance(doc, dict) or doc.get("setup") != setup:
+        old = (doc.get("setup") or {}) if isinstance(doc, dict) else {}
+        differ = sorted(k for k in setup if old.get(k) != setup[k])
         print(f"error: {path} holds a sweep made with other settings ({', '.join(differ)}); "
               "pass another --out, or the same settings to add points to it", file=sys.stderr)
         return 2
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     lm = fedit.load_model(setup["model"], device=args.device, cache_dir=args.cache_dir)
     records = load_records(args.dataset, args.data, n=args.n)
     res = Resources(cache_dir=args.cache_dir, corpus=args.corpus, target_cache=args.target_cache)
-    doc.update(model=lm.name, dataset=args.dataset, data=args.data, n=len(records))
+    doc.update(model=lm.name, n=len(records))  # as resolved (setup holds what was asked for)
     raw_pre = measure(lm, records)  # the unedited model (not kept in the file: a rerun measures again)
     doc["pre"] = aggregate([record_metrics(r, None, args.dataset) for r in raw_pre])
     done = {(tuple(p["layers"]), p["lambda"]) for p in doc["points"]}

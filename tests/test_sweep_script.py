@@ -48,3 +48,8 @@ def test_sweep_writes_points_and_resumes(tiny_model_dir, tmp_path, capsys):
     assert sweep.main([*common, "--layers", "2", "--lambdas", "10"]) == 2
     assert "hparams" in capsys.readouterr().err
     assert (tmp_path / "out" / "sweep.json").read_text() == saved
+    # a damaged sweep file: a clear error, and the file is left as it is
+    (tmp_path / "out" / "sweep.json").write_text(saved[:40])
+    assert sweep.main([*common, "--layers", "2", "--lambdas", "10"]) == 2
+    assert "is not a sweep file" in capsys.readouterr().err
+    assert (tmp_path / "out" / "sweep.json").read_text() == saved[:40]
