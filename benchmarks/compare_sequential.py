@@ -2,32 +2,79 @@
 
     python benchmarks/compare_sequential.py out/memit-seq out/alphaedit-seq --out seq.png
 
-Each argument is an output folder of `fedit eval` (its report.json must hold "per_batch").
-One panel per metric: efficacy, paraphrase (generalisation) and neighbourhood (specificity)
-success, and fluency; x = edits applied so far.
+Each argument is an output folder of `fedit eval --sequential`: a finished run's report.json
+(with "per_batch"), or, for a run still going or stopped, its checkpoint (the batches done so
+far; the legend says how many). One panel per metric: efficacy, paraphrase (generalisation) and
+neighbourhood (specificity) success, and fluency; x = edits applied so far. ``--table`` also
+prints the curves as a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 PANELS = [("efficacy_success", "efficacy success (%)"), ("paraphrase_success", "paraphrase success (%)"),
           ("neighborhood_success", "neighbourhood success (%)"), ("fluency", "fluency (bits)")]
 
 
-def main() -> None:
+def load(folder: str) -> dict:
+    """A finished report, or the curve so far of a run in progress; a clear error otherwise."""
+    from fedit.errors import FeditError
+    from fedit.evaluate.runner import curve_so_far
+
+    path = Path(folder) / "report.json"
+    if path.exists():
+        try:
+            rep = json.loads(path.read_text())
+        except ValueError as e:
+            raise FeditError(f"{path} is not valid JSON ({e}).", "rerun the evaluation that wrote it.") from e
+        if "per_batch" not in rep:
+            raise FeditError(f"{path} has no per-batch curve.",
+                             "run `fedit eval` with --sequential and without --final-only.")
+        return rep
+    return curve_so_far(folder)
+
+
+def run_label(rep: dict) -> str:
+    if rep.get("in_progress"):
+        return f"{rep['method']} ({rep['batches_done']} of {-(-rep['n'] // rep['batch_size'])} batches)"
+    return rep["method"]
+
+
+def table(reports: list[dict]) -> str:
+    keys = [k for k, _ in PANELS]
+    head = "| run | edits | " + " | ".join(keys) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 2)]
+    for rep in reports:
+        for row in rep["per_batch"]:
+            vals = [row["metrics"].get(k) for k in keys]
+            cells = ["—" if v is None else (f"{v:.2f}" if k == "fluency" else f"{100 * v:.1f}")
+                     for k, v in zip(keys, vals)]
+            lines.append(f"| {run_label(rep)} | {row['edits']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("reports", nargs="+", help="fedit eval output folders")
     ap.add_argument("--out", required=True, help="PNG file")
-    args = ap.parse_args()
+    ap.add_argument("--table", action="store_true", help="also print the curves as a Markdown table")
+    args = ap.parse_args(argv)
+    from fedit.errors import FeditError
+
+    try:
+        reports = [load(r) for r in args.reports]
+    except FeditError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    reports = [json.loads((Path(r) / "report.json").read_text()) for r in args.reports]
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.4))
     for rep in reports:
         rows = rep["per_batch"]
@@ -36,7 +83,7 @@ def main() -> None:
             ys = [r["metrics"].get(key) for r in rows]
             if key != "fluency":
                 ys = [None if y is None else 100 * y for y in ys]
-            ax.plot(xs, ys, marker="o", label=rep["method"])
+            ax.plot(xs, ys, marker="o", label=run_label(rep))
             ax.set_title(label, fontsize=9)
             ax.set_xlabel("edits applied", fontsize=8)
     axes[0].legend(fontsize=8)
@@ -44,8 +91,11 @@ def main() -> None:
     fig.suptitle(f"{first['dataset']} · {first['model']} · sequential batches of {first['batch_size']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
+    if args.table:
+        print(table(reports))
     print(args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

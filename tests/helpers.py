@@ -27,3 +27,14 @@ def resources(cache_dir: str) -> Resources:
 
 # Settings that let a random tiny model move: few stats chunks, strong steps, small λ.
 FAST = {"mom2_samples": 40, "mom2_seq_len": 32, "v_num_grad_steps": 15, "context_template_length_params": [[4, 5]]}
+
+
+def load_script(name: str):
+    """Import ``benchmarks/<name>.py`` (the scripts are not part of the package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -8,7 +8,7 @@ from fedit.evaluate.report import write
 from fedit.evaluate.runner import EvalConfig, aggregate, evaluate, measure, record_metrics
 from fedit.testing import tiny_model
 
-from helpers import DARRIEUX, EIFFEL, FAST, JORDAN, resources
+from helpers import DARRIEUX, EIFFEL, FAST, JORDAN, load_script, resources
 
 STRONG = {**FAST, "v_lr": 1.0, "v_num_grad_steps": 25, "clamp_norm_factor": 8.0, "layers": [1, 2],
           "mom2_update_weight": 10.0}
@@ -108,14 +108,16 @@ class _Stop(Exception):
 
 
 @pytest.mark.parametrize("method", ["memit", "alphaedit"])
-def test_sequential_run_resumes_from_its_checkpoint_with_the_same_result(method, tmp_path):
+def test_sequential_run_resumes_from_its_checkpoint_with_the_same_result(method, tmp_path, capsys):
     from fedit.data.loaders import load_records
     from fedit.evaluate.checkpoint import CheckpointError
+    from fedit.evaluate.runner import curve_so_far
 
     records = load_records("counterfact", n=3)
     cfg = EvalConfig(method=method, batch_size=1, sequential=True, fluency_records=1)
     over = {**FAST, "layers": [1, 2]}
     res = resources(str(tmp_path / "c"))
+    ck = tmp_path / "out" / "checkpoint"  # where `fedit eval --sequential --out OUT` keeps it
     whole = evaluate(tiny_model("gpt2"), records, cfg, overrides=over, resources=res)
 
     seen = []
@@ -126,17 +128,28 @@ def test_sequential_run_resumes_from_its_checkpoint_with_the_same_result(method,
             raise _Stop
     with pytest.raises(_Stop):
         evaluate(tiny_model("gpt2"), records, cfg, overrides=over, resources=res, progress=stop_after_two,
-                 checkpoint_dir=tmp_path / "ck")
+                 checkpoint_dir=ck)
+    # the curve so far can be read (and drawn) while the run is stopped
+    so_far = curve_so_far(tmp_path / "out")
+    assert so_far["in_progress"] and so_far["batches_done"] == 2 and so_far["method"] == method
+    assert [r["edits"] for r in so_far["per_batch"]] == [0, 1, 2]
+    for a, b in zip(so_far["per_batch"], whole["per_batch"]):
+        assert a["metrics"] == pytest.approx(b["metrics"])
+    script = load_script("compare_sequential")
+    assert script.main([str(tmp_path / "out"), "--out", str(tmp_path / "seq.png"), "--table"]) == 0
+    assert (tmp_path / "seq.png").exists() and f"| {method} (2 of 3 batches) | 2 |" in capsys.readouterr().out
+    assert script.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "neither report.json nor checkpoint" in capsys.readouterr().err
     # an existing checkpoint is never overwritten silently
     with pytest.raises(CheckpointError, match="--resume"):
-        evaluate(tiny_model("gpt2"), records, cfg, overrides=over, resources=res, checkpoint_dir=tmp_path / "ck")
+        evaluate(tiny_model("gpt2"), records, cfg, overrides=over, resources=res, checkpoint_dir=ck)
     # nor resumed by another run
     with pytest.raises(CheckpointError, match="another run"):
         evaluate(tiny_model("gpt2"), records, cfg, overrides={**over, "layers": [0, 1]}, resources=res,
-                 checkpoint_dir=tmp_path / "ck", resume=True)
+                 checkpoint_dir=ck, resume=True)
     lm = tiny_model("gpt2")
     w0 = {n: p.clone() for n, p in lm.model.named_parameters()}
-    resumed = evaluate(lm, records, cfg, overrides=over, resources=res, checkpoint_dir=tmp_path / "ck", resume=True)
+    resumed = evaluate(lm, records, cfg, overrides=over, resources=res, checkpoint_dir=ck, resume=True)
     assert resumed["resumed_after_batch"] == 2
     assert [r["edits"] for r in resumed["per_batch"]] == [0, 1, 2, 3]
     for key in ("efficacy_success", "paraphrase_success", "neighborhood_success", "efficacy_acc"):

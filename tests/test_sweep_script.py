@@ -1,19 +1,8 @@
 """benchmarks/sweep_memit.py on a tiny model: every point measured once, reruns skip done points."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-from helpers import CORPUS, FAST
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep_memit.py"
-
-
-def _sweep():
-    spec = importlib.util.spec_from_file_location("sweep_memit", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from helpers import CORPUS, FAST, load_script
 
 
 def test_sweep_writes_points_and_resumes(tiny_model_dir, tmp_path, capsys):
@@ -22,7 +11,7 @@ def test_sweep_writes_points_and_resumes(tiny_model_dir, tmp_path, capsys):
     common = ["--model", str(tiny_model_dir), "--hparams", str(hp), "--corpus", str(CORPUS), "--cache-dir",
               str(tmp_path / "cache"), "--target-cache", str(tmp_path / "targets"), "--n", "2",
               "--out", str(tmp_path / "out")]
-    sweep = _sweep()
+    sweep = load_script("sweep_memit")
     assert sweep.main([*common, "--layers", "1-2,2", "--lambdas", "10,1000"]) == 0
     doc = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert {(tuple(p["layers"]), p["lambda"]) for p in doc["points"]} == {

@@ -107,21 +107,34 @@ class Checkpoint:
                "gen_pre": {str(k): v for k, v in progress["gen_pre"].items()}}
         _atomic(self.progress_file, lambda p: p.write_text(json.dumps(doc)))
 
-    def load(self) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
-        """(weights, state, progress) of the last completed batch; checks the signature."""
+    def _damaged(self, e: Exception) -> CheckpointError:
+        return CheckpointError(f"the checkpoint in {self.dir} is damaged ({e}).",
+                               f"delete {self.dir} to start the run again from the first batch.")
+
+    def progress(self) -> dict[str, Any]:
+        """The progress document alone (no weights, no signature check): for a look at a run."""
         try:
             doc = json.loads(self.progress_file.read_text())
+            missing = [k for k in ("signature", "per_batch", "batches_done", "raw_pre", "gen_pre") if k not in doc]
+            if missing:
+                raise KeyError(f"no {', '.join(missing)}")
+            doc["raw_pre"] = _raw_from_json(doc["raw_pre"])
+            doc["gen_pre"] = {int(k): v for k, v in doc["gen_pre"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise self._damaged(e) from e
+        return doc
+
+    def load(self) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
+        """(weights, state, progress) of the last completed batch; checks the signature."""
+        doc = self.progress()
+        try:
             weights = load_file(str(self.dir / "weights.safetensors"))
             state = _state_from_file(torch.load(self.dir / "state.pt", weights_only=True))
         except (OSError, ValueError, KeyError, SafetensorError, RuntimeError) as e:
-            raise CheckpointError(f"the checkpoint in {self.dir} is damaged ({e}).",
-                                  f"delete {self.dir} to start the run again from the first batch.") from e
+            raise self._damaged(e) from e
         if doc.get("signature") != self.sig:
             diff = sorted(k for k in set(self.sig) | set(doc.get("signature") or {})
                           if (doc.get("signature") or {}).get(k) != self.sig.get(k))
             raise CheckpointError(f"the checkpoint in {self.dir} is of another run (differs in {diff}).",
                                   "resume with the same command, or use another --out folder.")
-        for k in ("raw_pre",):
-            doc[k] = _raw_from_json(doc[k])
-        doc["gen_pre"] = {int(k): v for k, v in doc["gen_pre"].items()}
         return weights, state, doc

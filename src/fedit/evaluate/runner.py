@@ -13,6 +13,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from statistics import mean
 from typing import Any, Callable
 
@@ -228,7 +229,7 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
                 ckpt.save(lm.model, touched, state, {
                     "batches_done": bi + 1, "per_batch": per_batch, "done": done, "edit_seconds": edit_seconds,
                     "target_seconds": target_seconds, "from_cache": from_cache, "raw_pre": raw_pre,
-                    "gen_pre": gen_pre})
+                    "gen_pre": gen_pre, "model_name": lm.name})
         else:
             for i, r in zip(b, measure(lm, [records[i] for i in b])):
                 raw_post[i] = r
@@ -241,15 +242,13 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
         gen_post = _generate_for(lm, records, flu_idx, cfg)
         for a in reversed(applied):
             a.revert()
-    per_pre = [record_metrics(r, None, cfg.dataset) for r in raw_pre]
+    per_pre, pre = _unedited(raw_pre, gen_pre, cfg.dataset)
     per_post = [record_metrics(r, p, cfg.dataset) for r, p in zip(raw_post, raw_pre)]
-    pre, post = aggregate(per_pre), aggregate(per_post)
+    post = aggregate(per_post)
     if flu_idx:
-        pre["fluency"] = M.fluency(gen_pre.values())
         post["fluency"] = M.fluency(gen_post.values())
     if per_batch:
-        per_batch.insert(0, {"batch": 0, "edits": 0, "edit_seconds": 0.0,
-                             "metrics": {k: v for k, v in pre.items() if k in _TRACKED}})
+        per_batch.insert(0, _first_row(pre))
         per_batch.append({"batch": len(batches), "edits": len(records), "edit_seconds": round(edit_seconds, 3),
                           "metrics": {k: v for k, v in post.items() if k in _TRACKED}})
     report = {
@@ -274,6 +273,39 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
     if per_batch:
         report["per_batch"] = per_batch
     return report
+
+
+def _unedited(raw_pre: list[dict], gen_pre: dict[int, str], dataset: str) -> tuple[list[dict], dict[str, float]]:
+    """Per-record and aggregate metrics of the unedited model (fluency when there are generations)."""
+    per = [record_metrics(r, None, dataset) for r in raw_pre]
+    agg = aggregate(per)
+    if gen_pre:
+        agg["fluency"] = M.fluency(gen_pre.values())
+    return per, agg
+
+
+def _first_row(pre: dict[str, float]) -> dict[str, Any]:
+    return {"batch": 0, "edits": 0, "edit_seconds": 0.0, "metrics": {k: v for k, v in pre.items() if k in _TRACKED}}
+
+
+def curve_so_far(out_dir) -> dict[str, Any]:
+    """The per-batch curve of a sequential run that is still going (or was stopped).
+
+    Reads ``OUT/checkpoint/progress.json``, which a sequential run rewrites after every batch,
+    and returns the fields of a finished report that a chart needs: ``method``, ``dataset``,
+    ``n``, ``batch_size``, ``batches_done``, ``in_progress`` (True) and ``per_batch`` (batch 0 =
+    the unedited model over all records, then the records edited so far after each batch).
+    """
+    ckpt = Checkpoint(Path(out_dir) / "checkpoint", {})
+    if not ckpt.exists():
+        raise CheckpointError(f"{out_dir} holds neither report.json nor checkpoint/progress.json.",
+                              "pass the --out folder of a `fedit eval --sequential` run.")
+    doc = ckpt.progress()
+    sig = doc["signature"]
+    _, pre = _unedited(doc["raw_pre"], doc["gen_pre"], sig["dataset"])
+    return {"method": sig["method"], "dataset": sig["dataset"], "model": doc.get("model_name", sig["model"]), "n": sig["n"],
+            "batch_size": sig["batch_size"], "batches_done": doc["batches_done"], "in_progress": True,
+            "per_batch": [_first_row(pre), *doc["per_batch"]]}
 
 
 _TRACKED = ("efficacy_success", "paraphrase_success", "neighborhood_success", "score", "fluency", "efficacy_acc",
