@@ -142,7 +142,8 @@ def test_eval_reuses_cached_targets_and_sequential_run_leaves_no_checkpoint(mode
     for i, expect in enumerate([0, 2]):
         code, out = _run(capsys, ["eval", *common, "--out", str(tmp_path / f"r{i}")])
         assert code == 0
-        assert json.loads((tmp_path / f"r{i}" / "report.json").read_text())["targets_from_cache"] == expect
+        rep = json.loads((tmp_path / f"r{i}" / "report.json").read_text())
+        assert rep["targets_from_cache"] == expect and rep["pre_from_cache"] is (i == 1)  # <cache>/measurements
     code, out = _run(capsys, ["eval", *common, "--batch-size", "1", "--sequential", "--out", str(tmp_path / "s")])
     assert code == 0 and [r["edits"] for r in out["per_batch"]] == [0, 1, 2]
     assert not (tmp_path / "s" / "checkpoint").exists()  # a finished run removes its checkpoint

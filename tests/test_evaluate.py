@@ -172,3 +172,31 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path):
         evaluate(tiny_model("gpt2"), records, cfg, overrides={**FAST, "layers": [1, 2]},
                  resources=resources(str(tmp_path / "c")), checkpoint_dir=ck, resume=True)
     assert (ck / "progress.json").read_text() == "{not json"  # nothing stored is lost
+
+
+def test_unedited_measurements_are_reused_only_for_the_same_weights_and_probes(tmp_path, caplog):
+    from fedit.data.loaders import load_records
+
+    records = load_records("counterfact", n=2)
+    cfg = EvalConfig(method="memit", fluency_records=1)
+    over, res, folder = {**FAST, "layers": [1, 2]}, resources(str(tmp_path / "c")), tmp_path / "m"
+    first = evaluate(tiny_model("gpt2"), records, cfg, overrides=over, resources=res, pre_cache=folder)
+    again = evaluate(tiny_model("gpt2"), records, cfg, overrides=over, resources=res, pre_cache=folder)
+    assert first["pre_from_cache"] is False and again["pre_from_cache"] is True
+    assert again["metrics_pre"] == first["metrics_pre"] and again["generations"] == first["generations"]
+    assert again["metrics"] == pytest.approx(first["metrics"])
+    # other probes (one record fewer) or other weights are measured afresh
+    assert evaluate(tiny_model("gpt2"), records[:1], cfg, overrides=over, resources=res,
+                    pre_cache=folder)["pre_from_cache"] is False
+    lm = tiny_model("gpt2")
+    with torch.no_grad():
+        next(lm.model.parameters()).mul_(1.01)
+    assert evaluate(lm, records, cfg, overrides=over, resources=res, pre_cache=folder)["pre_from_cache"] is False
+    # a damaged entry is reported, measured again and overwritten
+    files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    assert len(files) == 3
+    files[0].write_text('{"raw": [')
+    with caplog.at_level("WARNING"):
+        rep = evaluate(tiny_model("gpt2"), records, cfg, overrides=over, resources=res, pre_cache=folder)
+    assert rep["pre_from_cache"] is False and "damaged" in caplog.text
+    assert rep["metrics_pre"] == first["metrics_pre"] and json.loads(files[0].read_text())["raw"]

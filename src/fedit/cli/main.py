@@ -321,6 +321,7 @@ def cmd_eval(args) -> int:
     from fedit.data.loaders import load_records
     from fedit.evaluate.report import write
     from fedit.evaluate.runner import EvalConfig, evaluate
+    from fedit.paths import cache_root
 
     records = load_records(args.dataset, args.data, args.n)
     lm = _load(args)
@@ -334,7 +335,8 @@ def cmd_eval(args) -> int:
     bar = tqdm(total=len(records), desc=f"{args.method} edits", unit="edit", disable=args.json)
     ckpt = Path(args.out) / "checkpoint"
     report = evaluate(lm, records, cfg, overrides=overrides_from(args), hparams_file=args.hparams,
-                      resources=resources_from(args), progress=bar.update, checkpoint_dir=ckpt, resume=args.resume)
+                      resources=resources_from(args), progress=bar.update, checkpoint_dir=ckpt, resume=args.resume,
+                      pre_cache=cache_root(args.cache_dir) / "measurements")
     bar.close()
     files = write(report, args.out)
     if ckpt.exists():

@@ -77,11 +77,11 @@ def _state_from_file(data: dict[str, Any] | None):
     return cls(**kwargs)
 
 
-def _raw_to_json(raw: list[dict]) -> list[dict]:
+def raw_to_json(raw: list[dict]) -> list[dict]:
     return [{g: {str(i): s for i, s in per.items()} for g, per in r.items()} for r in raw]
 
 
-def _raw_from_json(raw: list[dict]) -> list[dict]:
+def raw_from_json(raw: list[dict]) -> list[dict]:
     return [{g: {int(i): s for i, s in per.items()} for g, per in r.items()} for r in raw]
 
 
@@ -103,7 +103,7 @@ class Checkpoint:
         weights = {n: params[n].detach().cpu().contiguous() for n in sorted(names)}
         _atomic(self.dir / "weights.safetensors", lambda p: save_file(weights, str(p)))
         _atomic(self.dir / "state.pt", lambda p: torch.save(_state_to_file(state), p))
-        doc = {"signature": self.sig, **progress, "raw_pre": _raw_to_json(progress["raw_pre"]),
+        doc = {"signature": self.sig, **progress, "raw_pre": raw_to_json(progress["raw_pre"]),
                "gen_pre": {str(k): v for k, v in progress["gen_pre"].items()}}
         _atomic(self.progress_file, lambda p: p.write_text(json.dumps(doc)))
 
@@ -118,7 +118,7 @@ class Checkpoint:
             missing = [k for k in ("signature", "per_batch", "batches_done", "raw_pre", "gen_pre") if k not in doc]
             if missing:
                 raise KeyError(f"no {', '.join(missing)}")
-            doc["raw_pre"] = _raw_from_json(doc["raw_pre"])
+            doc["raw_pre"] = raw_from_json(doc["raw_pre"])
             doc["gen_pre"] = {int(k): v for k, v in doc["gen_pre"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise self._damaged(e) from e

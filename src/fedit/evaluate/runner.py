@@ -165,13 +165,15 @@ def _peak_rss_mb() -> float:
 
 def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | None = None,
              hparams_file=None, resources=None, progress: Callable[[int], None] | None = None,
-             checkpoint_dir=None, resume: bool = False) -> dict[str, Any]:
+             checkpoint_dir=None, resume: bool = False, pre_cache=None) -> dict[str, Any]:
     """Edit and measure. Returns the report (metrics pre/post, timings, per-record values).
 
     With ``cfg.sequential`` and a ``checkpoint_dir``, the run is checkpointed after every batch
     (:mod:`fedit.evaluate.checkpoint`); ``resume=True`` continues from the checkpoint there
     (same records, method, batch size, model and overrides), and without it an existing
-    checkpoint is refused rather than overwritten.
+    checkpoint is refused rather than overwritten. With a ``pre_cache`` folder the unedited
+    model's measurements are taken from there when the same weights already measured the same
+    probes (:mod:`fedit.evaluate.pre_cache`), and kept there otherwise.
     """
     t0 = time.perf_counter()
     ckpt = None
@@ -191,7 +193,7 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
     state = None  # carried between batches only when they accumulate (AlphaEdit)
     per_batch: list[dict[str, Any]] = []
     done: list[int] = []
-    start, touched = 0, set()
+    start, touched, pre_cached = 0, set(), False
     if ckpt is not None and resume and ckpt.exists():
         weights, state, doc = ckpt.load()
         params = dict(lm.model.named_parameters())
@@ -208,8 +210,7 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
         if progress:
             progress(len(done))
     else:
-        raw_pre = measure(lm, records)
-        gen_pre = _generate_for(lm, records, flu_idx, cfg)
+        raw_pre, gen_pre, pre_cached = _measure_unedited(lm, records, flu_idx, cfg, pre_cache)
     for bi, b in enumerate(batches):
         if bi < start:
             continue
@@ -258,6 +259,7 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
         "seconds_per_edit": round(edit_seconds / max(1, len(records)), 4),
         "target_seconds_share": round(target_seconds / edit_seconds, 4) if edit_seconds else None,
         "targets_from_cache": from_cache,  # their optimisation time is not in edit_seconds
+        "pre_from_cache": pre_cached,  # the unedited model's measurements were reused
         "resumed_after_batch": start or None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "peak_cuda_mb": (round(torch.cuda.max_memory_allocated(lm.device) / 2**20, 1)
@@ -273,6 +275,26 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
     if per_batch:
         report["per_batch"] = per_batch
     return report
+
+
+def _measure_unedited(lm, records: list[EvalRecord], flu_idx: list[int], cfg: EvalConfig,
+                      folder) -> tuple[list[dict], dict[int, str], bool]:
+    """(raw measurements, generations, whether they came from the cache) of the unedited model."""
+    cache = key = None
+    if folder is not None:
+        from fedit.evaluate.pre_cache import PreCache
+
+        cache = PreCache(folder)
+        key = cache.key(lm, [_probes(r) for r in records], [records[i].generation_prompts[0] for i in flu_idx],
+                        cfg.gen_tokens, cfg.seed)
+        hit = cache.get(key, len(records))
+        if hit is not None:
+            log.info("unedited measurements of %d records taken from %s", len(records), folder)
+            return *hit, True
+    raw, gen = measure(lm, records), _generate_for(lm, records, flu_idx, cfg)
+    if cache is not None:
+        cache.put(key, raw, gen)
+    return raw, gen, False
 
 
 def _unedited(raw_pre: list[dict], gen_pre: dict[int, str], dataset: str) -> tuple[list[dict], dict[str, float]]:
