@@ -38,11 +38,14 @@ def test_private_federation_with_reuse_and_fedavg(setup, capsys):
     assert r["reuse"]["mkvs_uploaded"] == 12
     # every client reuses the other two clients' MKVs of each slot: 3 clients × 8 facts
     assert r["reuse"]["mkvs_reused"] == 24 and r["reuse"]["mkv_computations_saved"] == 24
+    assert r["reuse"]["hits_possible"] == 24 and r["reuse"]["hit_rate"] == 1.0
     assert all(c["own"] == 4 and c["reused"] == 8 for c in r["per_client"].values())
     assert r["centralised"] is not None and r["retention"] is not None and r["fedavg"] is not None
     report = json.loads((out / "report.json").read_text())
     assert report["centralised"]["zs_reused"] == 12  # the reference reused every stored z
-    assert (out / "report.md").read_text().startswith("# FedEdit (private mode)")
+    md = (out / "report.md").read_text()
+    assert md.startswith("# FedEdit (private mode)") and "Hit rate 100.0% of 24 possible" in md
+    assert "did not tell the facts apart" in md and "--match delta" in md  # the rule shared everything
     assert (out / "chart.png").stat().st_size > 1000 and (out / "mkv.sqlite").exists()
     # the report can be rebuilt from federation.json alone (what a deployment's ServerApp leaves)
     assert main(["fed", "report", "--out", str(out), "--no-reference", "--json"]) == 0
@@ -76,3 +79,16 @@ def test_failed_run_exits_non_zero_with_the_reason(setup, capsys, tmp_path):
     assert code == 2 and "fewer than n-per-client" in r["error"]
     code, r = _run(capsys, setup, "--clients", "2", "--n-per-client", "2", "--slots", "1", "--out", str(setup / "private"))
     assert code == 2 and "already exists" in r["error"]
+
+
+def test_report_counts_possible_hits_per_slot_and_says_when_none_was_a_hit():
+    from fedit.federation.report import _possible_hits, markdown
+
+    # 3 clients in a slot with 2, 1 and 0 own MKVs: the first compares with 1, the second with 2
+    assert _possible_hits({"a": 2, "b": 1, "c": 0}) == 3
+    r = {"settings": {"dataset": "counterfact", "model": "m", "n-per-client": 2, "slots": 1, "partition": "relation",
+                      "method": "memit", "match": "delta"}, "mode": "private", "tau": 0.4, "seconds": 1.0,
+         "clients": ["a", "b"], "headline": ["score"], "fededit": {"pre": {"score": 0.2}, "post": {"score": 0.5}},
+         "per_client": {}, "reuse": {"mkvs_uploaded": 4, "mkvs_reused": 0, "hits_unusable": 0, "hits_possible": 4,
+                                     "hit_rate": 0.0, "seconds_per_mkv": 1.0, "seconds_saved_estimate": 0.0}}
+    assert "None of the 4 possible hits was a hit (rule on delta" in markdown(r)
