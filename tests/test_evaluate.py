@@ -200,3 +200,24 @@ def test_unedited_measurements_are_reused_only_for_the_same_weights_and_probes(t
         rep = evaluate(tiny_model("gpt2"), records, cfg, overrides=over, resources=res, pre_cache=folder)
     assert rep["pre_from_cache"] is False and "damaged" in caplog.text
     assert rep["metrics_pre"] == first["metrics_pre"] and json.loads(files[0].read_text())["raw"]
+
+
+def test_resume_refuses_a_hyperparameter_file_changed_since_the_checkpoint(tmp_path):
+    from fedit.data.loaders import load_records
+    from fedit.evaluate.checkpoint import CheckpointError
+
+    records = load_records("counterfact", n=2)
+    cfg = EvalConfig(method="memit", batch_size=1, sequential=True, fluency_records=0)
+    hp, ck, res = tmp_path / "hp.json", tmp_path / "out" / "checkpoint", resources(str(tmp_path / "c"))
+    hp.write_text(json.dumps({**FAST, "layers": [1, 2]}))
+
+    def stop(n):
+        raise _Stop
+    with pytest.raises(_Stop):
+        evaluate(tiny_model("gpt2"), records, cfg, hparams_file=hp, resources=res, progress=stop, checkpoint_dir=ck)
+    hp.write_text(json.dumps({**FAST, "layers": [1, 2], "mom2_update_weight": 5.0}))  # the file changes
+    with pytest.raises(CheckpointError, match=r"other hyperparameters \(differs in \['mom2_update_weight'\]"):
+        evaluate(tiny_model("gpt2"), records, cfg, hparams_file=hp, resources=res, checkpoint_dir=ck, resume=True)
+    hp.write_text(json.dumps({**FAST, "layers": [1, 2]}))  # back as it was: the run goes on
+    rep = evaluate(tiny_model("gpt2"), records, cfg, hparams_file=hp, resources=res, checkpoint_dir=ck, resume=True)
+    assert rep["resumed_after_batch"] == 1

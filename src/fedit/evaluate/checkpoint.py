@@ -6,8 +6,8 @@ After every batch the runner writes, under ``OUT/checkpoint/``:
   (values, not deltas: a resumed run continues from exactly the same weights);
 - ``state.pt``: a stateful method's state (AlphaEdit's keys of the edits so far), tensors only;
 - ``progress.json``: batches done, the per-batch curve, timings, the unedited model's
-  measurements, and the run's signature (method, dataset records, batch size, model,
-  hyperparameter overrides) that a resume must match.
+  measurements, the run's signature (method, dataset records, batch size, model,
+  hyperparameter overrides) and the resolved hyperparameters, which a resume must match.
 
 Each file is written to a temporary name and renamed; ``progress.json`` last, so a checkpoint
 is either the previous one or the new one, never a mix.
@@ -86,9 +86,12 @@ def raw_from_json(raw: list[dict]) -> list[dict]:
 
 
 class Checkpoint:
-    def __init__(self, folder: str | os.PathLike, sig: dict[str, Any]):
+    def __init__(self, folder: str | os.PathLike, sig: dict[str, Any], hparams: dict[str, Any] | None = None):
         self.dir = Path(folder)
         self.sig = sig
+        # the resolved hyperparameters: a data file edited between two sessions must not change
+        # the second half of a run (checkpoints written before they were kept are not checked)
+        self.hparams = hparams
 
     @property
     def progress_file(self) -> Path:
@@ -103,7 +106,7 @@ class Checkpoint:
         weights = {n: params[n].detach().cpu().contiguous() for n in sorted(names)}
         _atomic(self.dir / "weights.safetensors", lambda p: save_file(weights, str(p)))
         _atomic(self.dir / "state.pt", lambda p: torch.save(_state_to_file(state), p))
-        doc = {"signature": self.sig, **progress, "raw_pre": raw_to_json(progress["raw_pre"]),
+        doc = {"signature": self.sig, "hparams": self.hparams, **progress, "raw_pre": raw_to_json(progress["raw_pre"]),
                "gen_pre": {str(k): v for k, v in progress["gen_pre"].items()}}
         _atomic(self.progress_file, lambda p: p.write_text(json.dumps(doc)))
 
@@ -137,4 +140,11 @@ class Checkpoint:
                           if (doc.get("signature") or {}).get(k) != self.sig.get(k))
             raise CheckpointError(f"the checkpoint in {self.dir} is of another run (differs in {diff}).",
                                   "resume with the same command, or use another --out folder.")
+        stored = doc.get("hparams")
+        if stored is not None and self.hparams is not None and stored != self.hparams:
+            diff = sorted(k for k in set(stored) | set(self.hparams) if stored.get(k) != self.hparams.get(k))
+            raise CheckpointError(f"the checkpoint in {self.dir} was edited with other hyperparameters "
+                                  f"(differs in {diff}; was the data file changed since?).",
+                                  "resume with the hyperparameters of the checkpoint (--hparams FILE with "
+                                  "its values), or start again in another --out folder.")
         return weights, state, doc

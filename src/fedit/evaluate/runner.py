@@ -8,6 +8,7 @@ measured on the final model.
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import sys
@@ -178,7 +179,8 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
     t0 = time.perf_counter()
     ckpt = None
     if cfg.sequential and checkpoint_dir is not None:
-        ckpt = Checkpoint(checkpoint_dir, signature(lm, records, cfg, overrides, hparams_file))
+        ckpt = Checkpoint(checkpoint_dir, signature(lm, records, cfg, overrides, hparams_file),
+                          hparams=_resolved_hparams(cfg.method, lm, overrides, hparams_file))
         if ckpt.exists() and not resume:
             raise CheckpointError(f"{ckpt.dir} holds the checkpoint of an earlier run.",
                                   "pass --resume to continue it, or use another --out folder.")
@@ -275,6 +277,14 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
     if per_batch:
         report["per_batch"] = per_batch
     return report
+
+
+def _resolved_hparams(method: str, lm, overrides: dict | None, hparams_file) -> dict[str, Any]:
+    """The hyperparameters the run edits with, after the data file and the overrides (JSON form)."""
+    from fedit.methods import hparams_for
+
+    hp = hparams_for(method, lm, overrides, hparams_file)
+    return json.loads(json.dumps(asdict(hp), default=str))
 
 
 def _measure_unedited(lm, records: list[EvalRecord], flu_idx: list[int], cfg: EvalConfig,
