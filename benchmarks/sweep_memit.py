@@ -3,7 +3,8 @@
     python benchmarks/sweep_memit.py --n 50 --layers 3-6,4-7,5-8 --lambdas 300,1000,3000 \\
         --target-precision bfloat16 --target-cache ~/.cache/fedit/targets --out out/sweep
 
-The unedited model is measured once. Then, for every (layers, λ), the records are edited in one
+The unedited model is measured once (kept in <cache>/measurements, so a rerun, or `fedit eval
+--fluency-n 0` on the same records, reuses it). Then, for every (layers, λ), the records are edited in one
 batch, measured and the edit reverted. The targets z depend only on the last edited layer, so
 with ``--target-cache`` every layer set that ends on the same layer, and every λ, reuses the
 same z: the sweep costs one target optimisation per distinct last layer plus a solve and a
@@ -79,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     import fedit
     from fedit.data.loaders import load_records
-    from fedit.evaluate.runner import aggregate, measure, record_metrics
+    from fedit.evaluate.runner import EvalConfig, aggregate, measure, measure_unedited, record_metrics
     from fedit.methods import Resources
+    from fedit.paths import cache_root
 
     out = Path(args.out)
     path = out / "sweep.json"
@@ -106,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     records = load_records(args.dataset, args.data, n=args.n)
     res = Resources(cache_dir=args.cache_dir, corpus=args.corpus, target_cache=args.target_cache)
     doc.update(model=lm.name, n=len(records))  # as resolved (setup holds what was asked for)
-    raw_pre = measure(lm, records)  # the unedited model (not kept in the file: a rerun measures again)
+    # the unedited model, measured once for every run on these records (<cache>/measurements)
+    raw_pre, _, _ = measure_unedited(lm, records, [], EvalConfig(dataset=args.dataset, fluency_records=0),
+                                     cache_root(args.cache_dir) / "measurements")
     doc["pre"] = aggregate([record_metrics(r, None, args.dataset) for r in raw_pre])
     done = {(tuple(p["layers"]), p["lambda"]) for p in doc["points"]}
     # grouped by last layer, so that the cached z of one layer are used by every point after the first

@@ -13,6 +13,7 @@ def test_sweep_writes_points_and_resumes(tiny_model_dir, tmp_path, capsys):
               "--out", str(tmp_path / "out")]
     sweep = load_script("sweep_memit")
     assert sweep.main([*common, "--layers", "1-2,2", "--lambdas", "10,1000"]) == 0
+    assert len(list((tmp_path / "cache" / "measurements").glob("*.json"))) == 1  # the unedited model, kept
     doc = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert {(tuple(p["layers"]), p["lambda"]) for p in doc["points"]} == {
         ((1, 2), 10.0), ((1, 2), 1000.0), ((2,), 10.0), ((2,), 1000.0)}

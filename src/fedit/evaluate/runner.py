@@ -212,7 +212,7 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
         if progress:
             progress(len(done))
     else:
-        raw_pre, gen_pre, pre_cached = _measure_unedited(lm, records, flu_idx, cfg, pre_cache)
+        raw_pre, gen_pre, pre_cached = measure_unedited(lm, records, flu_idx, cfg, pre_cache)
     for bi, b in enumerate(batches):
         if bi < start:
             continue
@@ -287,7 +287,7 @@ def _resolved_hparams(method: str, lm, overrides: dict | None, hparams_file) -> 
     return json.loads(json.dumps(asdict(hp), default=str))
 
 
-def _measure_unedited(lm, records: list[EvalRecord], flu_idx: list[int], cfg: EvalConfig,
+def measure_unedited(lm, records: list[EvalRecord], flu_idx: list[int], cfg: EvalConfig,
                       folder) -> tuple[list[dict], dict[int, str], bool]:
     """(raw measurements, generations, whether they came from the cache) of the unedited model."""
     cache = key = None

@@ -200,7 +200,7 @@ def chart(r: dict[str, Any], path: Path) -> None:
     if "fedavg" in r:
         runs.append(("FedAvg", r["fedavg"]["post"]))
     if "centralised_mean_over_clients" in r:
-        runs.append(("centralised MEMIT", r["centralised_mean_over_clients"]))
+        runs.append((f"centralised {r['settings']['method'].upper()}", r["centralised_mean_over_clients"]))
     s = r["settings"]
     bar_chart(path, r["headline"], runs,
               f"FedEdit {r['mode']} · {len(r['clients'])} clients × {s['n-per-client']} · {s['model']}")
