@@ -6,7 +6,8 @@ Each argument is an output folder of `fedit eval --sequential`: a finished run's
 (with "per_batch"), or, for a run still going or stopped, its checkpoint (the batches done so
 far; the legend says how many). One panel per metric: efficacy, paraphrase (generalisation) and
 neighbourhood (specificity) success, and fluency; x = edits applied so far. ``--table`` also
-prints the curves as a Markdown table.
+prints the curves as a Markdown table, and each run's edits by the batch they were made in
+(right after that batch → after the last one); ``--retention FILE.png`` draws that split.
 """
 
 from __future__ import annotations
@@ -57,11 +58,46 @@ def table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def retention_chart(reports: list[dict], path: str) -> bool:
+    """Per metric: each batch's own records right after it was applied (dashed) and at the end
+    (solid), against the batch's number. False when no report has the split."""
+    from fedit.evaluate.runner import retention
+
+    splits = [(rep, retention(rep)) for rep in reports]
+    splits = [(rep, rows) for rep, rows in splits if rows]
+    if not splits:
+        return False
+    import matplotlib.pyplot as plt
+
+    panels = PANELS[:3]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for c, (rep, rows) in enumerate(splits):
+        colour = f"C{c}"
+        for ax, (key, label) in zip(axes, panels):
+            xs = [r["batch"] for r in rows]
+            for part, style in (("applied", "--"), ("final", "-")):
+                ys = [100 * r[part][key] if r[part] and key in r[part] else None for r in rows]
+                if any(y is not None for y in ys):
+                    ax.plot(xs, [float("nan") if y is None else y for y in ys], style, marker="o", color=colour,
+                            label=f"{run_label(rep)}, {'right after its batch' if part == 'applied' else 'at the end'}")
+            ax.set_title(label, fontsize=9)
+            ax.set_xlabel("batch the edits were made in", fontsize=8)
+    axes[0].legend(fontsize=7)
+    first = splits[0][0]
+    fig.suptitle(f"{first['dataset']} · {first['model']} · each batch's own edits (batches of {first['batch_size']})",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("reports", nargs="+", help="fedit eval output folders")
     ap.add_argument("--out", required=True, help="PNG file")
     ap.add_argument("--table", action="store_true", help="also print the curves as a Markdown table")
+    ap.add_argument("--retention", metavar="PNG", help="also draw each batch's own edits: right after it, at the end")
     args = ap.parse_args(argv)
     from fedit.errors import FeditError
 
@@ -92,8 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     if args.table:
+        from fedit.evaluate.report import origin_lines
+
         print(table(reports))
+        for rep in reports:
+            lines = origin_lines(rep)
+            if lines:
+                print(f"\n{run_label(rep)}:" + "\n".join(lines))
     print(args.out)
+    if args.retention:
+        if retention_chart(reports, args.retention):
+            print(args.retention)
+        else:
+            print("no per-batch split of the edits to draw (a one-batch run?)", file=sys.stderr)
     return 0
 
 

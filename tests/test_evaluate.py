@@ -100,7 +100,37 @@ def test_sequential_eval_tracks_every_batch(tmp_path):
     assert all("fluency" in r["metrics"] and "neighborhood_success" in r["metrics"] for r in rows)
     files = write(report, tmp_path / "out")
     assert (tmp_path / "out" / "batches.png").exists() and "batches_chart" in files
-    assert "After each sequential batch" in (tmp_path / "out" / "report.md").read_text()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "After each sequential batch" in md and "Each batch's own records" in md
+
+
+def test_sequential_eval_splits_the_edits_by_the_batch_they_were_made_in(tmp_path):
+    from fedit.data.loaders import load_records
+    from fedit.evaluate.runner import by_origin, retention
+
+    lm = tiny_model("gpt2")
+    records = load_records("counterfact", n=3)
+    report = evaluate(lm, records, EvalConfig(method="memit", batch_size=2, sequential=True, fluency_records=0),
+                      overrides=STRONG, resources=resources(str(tmp_path / "c")))
+    rows = report["per_batch"]
+    assert [[o["edits"] for o in r["by_origin"]] for r in rows[1:]] == [[2], [2, 1]]
+    # batch 1's split is the whole of its row; the last row's split is the final per-record values regrouped
+    assert rows[1]["by_origin"][0]["metrics"] == {k: v for k, v in rows[1]["metrics"].items()
+                                                 if k in rows[1]["by_origin"][0]["metrics"]}
+    per_post = [p["post"] for p in report["per_record"]]
+    assert rows[2]["by_origin"] == by_origin(per_post, [2, 1])
+    ret = retention(report)
+    assert [(r["batch"], r["edits"]) for r in ret] == [(1, 2), (2, 1)]
+    assert ret[0]["applied"] == rows[1]["by_origin"][0]["metrics"]
+    assert ret[1]["applied"] == ret[1]["final"] == rows[2]["by_origin"][1]["metrics"]  # nothing came after it
+    assert ret[0]["final"] == rows[2]["by_origin"][0]["metrics"]
+    # a report written before the split existed: batch 1 right after it, every batch at the end
+    old = {**report, "per_batch": [{k: v for k, v in r.items() if k != "by_origin"} for r in rows]}
+    ret_old = retention(old)
+    assert ret_old[0]["applied"] == ret[0]["applied"] and ret_old[1]["applied"] is None
+    assert [r["final"] for r in ret_old] == [r["final"] for r in ret]
+    # one batch, or batches reverted one by one: nothing to split
+    assert retention({**report, "batch_size": 3}) == [] and retention({**report, "sequential": False}) == []
 
 
 class _Stop(Exception):
@@ -136,8 +166,12 @@ def test_sequential_run_resumes_from_its_checkpoint_with_the_same_result(method,
     for a, b in zip(so_far["per_batch"], whole["per_batch"]):
         assert a["metrics"] == pytest.approx(b["metrics"])
     script = load_script("compare_sequential")
-    assert script.main([str(tmp_path / "out"), "--out", str(tmp_path / "seq.png"), "--table"]) == 0
-    assert (tmp_path / "seq.png").exists() and f"| {method} (2 of 3 batches) | 2 |" in capsys.readouterr().out
+    assert script.main([str(tmp_path / "out"), "--out", str(tmp_path / "seq.png"), "--table",
+                        "--retention", str(tmp_path / "ret.png")]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "seq.png").exists() and f"| {method} (2 of 3 batches) | 2 |" in out
+    assert (tmp_path / "ret.png").exists() and "Each batch's own records" in out
+    assert "| 3 | 1 | — | — | — |" in out  # the third batch: not applied yet
     assert script.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")]) == 2
     assert "neither report.json nor checkpoint" in capsys.readouterr().err
     # an existing checkpoint is never overwritten silently

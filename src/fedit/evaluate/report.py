@@ -31,8 +31,32 @@ def markdown(report: dict[str, Any]) -> str:
                   "| batch | edits | " + " | ".join(keys_b) + " |", "|---|---|" + "---|" * len(keys_b)]
         for r in report["per_batch"]:
             lines.append(f"| {r['batch']} | {r['edits']} | " + " | ".join(_fmt(r["metrics"][k]) for k in keys_b) + " |")
+    lines += origin_lines(report)
     lines += ["", f"Consistency (RS): {report.get('consistency')}", ""]
     return "\n".join(lines)
+
+
+ORIGIN_KEYS = ("efficacy_success", "paraphrase_success", "neighborhood_success")
+
+
+def origin_lines(report: dict[str, Any]) -> list[str]:
+    """Markdown table of a sequential run's edits by the batch they were made in (applied → final)."""
+    from fedit.evaluate.runner import retention
+
+    rows = retention(report)
+    if not rows:
+        return []
+    keys = [k for k in ORIGIN_KEYS if any(k in (r["applied"] or r["final"] or {}) for r in rows)]
+
+    def cell(r, k):
+        a, f = (r["applied"] or {}).get(k), (r["final"] or {}).get(k)
+        return f"{_fmt(a)} → {_fmt(f)}" if f is not None else _fmt(a)
+    lines = ["", ("Each batch's own records, right after the batch was applied → after the last batch "
+                  "(a rate that drops was forgotten; one low from the start never took; — not recorded):"), "",
+             "| batch | edits | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['edits']} | " + " | ".join(cell(r, k) for k in keys) + " |")
+    return lines
 
 
 COLOURS = ["#9aa5b1", "#2f6fdf", "#e08a2e", "#3a9a4f", "#a04fb0", "#c0392b"]

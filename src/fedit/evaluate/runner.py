@@ -226,7 +226,8 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
             applied.append(res.applied)
             done.extend(b)
             if cfg.track_batches and len(batches) > 1 and bi < len(batches) - 1:  # the last: the final measure
-                per_batch.append(_checkpoint(lm, records, done, raw_pre, flu_idx, cfg, bi + 1, edit_seconds))
+                per_batch.append(_checkpoint(lm, records, done, raw_pre, flu_idx, cfg, bi + 1, edit_seconds,
+                                             [len(x) for x in batches[:bi + 1]]))
             touched |= set(res.applied.originals)
             if ckpt is not None:
                 ckpt.save(lm.model, touched, state, {
@@ -253,7 +254,8 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
     if per_batch:
         per_batch.insert(0, _first_row(pre))
         per_batch.append({"batch": len(batches), "edits": len(records), "edit_seconds": round(edit_seconds, 3),
-                          "metrics": {k: v for k, v in post.items() if k in _TRACKED}})
+                          "metrics": {k: v for k, v in post.items() if k in _TRACKED},
+                          "by_origin": by_origin(per_post, [len(b) for b in batches])})
     report = {
         "method": cfg.method, "dataset": cfg.dataset, "model": lm.name, "n": len(records),
         "batch_size": B, "sequential": cfg.sequential, "config": asdict(cfg),
@@ -345,11 +347,62 @@ _TRACKED = ("efficacy_success", "paraphrase_success", "neighborhood_success", "s
 
 
 def _checkpoint(lm, records: list[EvalRecord], done: list[int], raw_pre: list[dict], flu_idx: list[int],
-                cfg: EvalConfig, batch: int, edit_seconds: float) -> dict[str, Any]:
-    """Metrics of the records edited so far, and fluency, on the model as it is after ``batch``."""
+                cfg: EvalConfig, batch: int, edit_seconds: float, sizes: list[int]) -> dict[str, Any]:
+    """Metrics of the records edited so far, and fluency, on the model as it is after ``batch``;
+    ``by_origin`` splits them by the batch each record was edited in (``sizes``: the batches' sizes)."""
     raw = measure(lm, [records[i] for i in done])
-    m = aggregate([record_metrics(r, raw_pre[i], cfg.dataset) for i, r in zip(done, raw)])
+    per = [record_metrics(r, raw_pre[i], cfg.dataset) for i, r in zip(done, raw)]
+    m = aggregate(per)
     if flu_idx:
         m["fluency"] = M.fluency(_generate_for(lm, records, flu_idx, cfg).values())
     return {"batch": batch, "edits": len(done), "edit_seconds": round(edit_seconds, 3),
-            "metrics": {k: v for k, v in m.items() if k in _TRACKED}}
+            "metrics": {k: v for k, v in m.items() if k in _TRACKED}, "by_origin": by_origin(per, sizes)}
+
+
+_ORIGIN = ("efficacy_success", "paraphrase_success", "neighborhood_success", "score", "efficacy_acc", "paraphrase_acc",
+           "locality")
+
+
+def by_origin(per_record: list[dict[str, float]], sizes: list[int]) -> list[dict[str, Any]]:
+    """Aggregates of consecutive runs of ``sizes`` records: one row per batch of origin."""
+    rows, s = [], 0
+    for j, n in enumerate(sizes, 1):
+        m = aggregate(per_record[s:s + n])
+        rows.append({"batch": j, "edits": n, "metrics": {k: v for k, v in m.items() if k in _ORIGIN}})
+        s += n
+    return rows
+
+
+def retention(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per batch of a sequential run: its edits' metrics right after it was applied and at the end.
+
+    Tells edits that never took (low ``applied``) from edits that were forgotten later
+    (``applied`` high, ``final`` lower). Rows: ``batch``, ``edits``, ``applied`` (metrics of that
+    batch's records on the model right after it; None where the run did not record it) and
+    ``final`` (after the last batch; None for a run in progress). Reads the ``by_origin`` split of
+    each ``per_batch`` row; reports written before it existed give ``applied`` for the first
+    batch only (its row covers nothing else) and ``final`` from ``per_record``.
+    """
+    B, n = report["batch_size"], report["n"]
+    sizes = [min(B, n - s) for s in range(0, n, B)]
+    if len(sizes) < 2 or report.get("sequential") is False:
+        return []
+    rows = [r for r in report.get("per_batch", []) if r["edits"] > 0]
+    out = [{"batch": j, "edits": k, "applied": None, "final": None} for j, k in enumerate(sizes, 1)]
+    for r in rows:
+        j = r["batch"]
+        if r.get("by_origin"):
+            out[j - 1]["applied"] = r["by_origin"][j - 1]["metrics"]
+        elif j == 1:
+            out[0]["applied"] = {k: v for k, v in r["metrics"].items() if k in _ORIGIN}
+    if not report.get("in_progress"):
+        last = rows[-1] if rows else {}
+        if last.get("by_origin") and last["edits"] == n:
+            finals = [o["metrics"] for o in last["by_origin"]]
+        elif report.get("per_record"):
+            finals = [o["metrics"] for o in by_origin([p["post"] for p in report["per_record"]], sizes)]
+        else:
+            finals = [None] * len(sizes)
+        for o, f in zip(out, finals):
+            o["final"] = f
+    return out
