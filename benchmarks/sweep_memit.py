@@ -1,7 +1,12 @@
-"""Sweep MEMIT's edited layers and λ (mom2_update_weight) on CounterFact or zsRE records.
+"""Sweep the edited layers, λ and any other hyperparameter of MEMIT, PMET or AlphaEdit.
 
     python benchmarks/sweep_memit.py --n 50 --layers 3-6,4-7,5-8 --lambdas 300,1000,3000 \\
         --target-precision bfloat16 --target-cache ~/.cache/fedit/targets --out out/sweep
+    python benchmarks/sweep_memit.py --method alphaedit --n 100 --layers 3-6 \\
+        --set nullspace_threshold=0.02,0.1 --set alpha=10,1 --target-cache ~/.cache/fedit/targets --out out/sweep-ae
+
+``--set KEY=V1,V2`` adds a hyperparameter to the grid (values as JSON: numbers, true/false);
+AlphaEdit does not use λ (mom2_update_weight), so its grid has no λ axis.
 
 The unedited model is measured once (kept in <cache>/measurements, so a rerun, or `fedit eval
 --fluency-n 0` on the same records, reuses it). Then, for every (layers, λ), the records are edited in one
@@ -17,6 +22,7 @@ there, and a folder holding a sweep made with other settings is refused, never o
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -40,17 +46,46 @@ def _scales(point: dict) -> str:
     return "—" if scales is None else " ".join(f"{s:g}" for s in scales)
 
 
+def _grid_values(items: list[str]) -> dict[str, list]:
+    """``["alpha=10,1", …]`` → {"alpha": [10, 1], …} (each value parsed as JSON, else kept as text)."""
+    out: dict[str, list] = {}
+    for item in items:
+        key, eq, vals = item.partition("=")
+        if not eq or not key.strip() or not vals.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=V1,V2 (e.g. --set alpha=10,1)")
+        parsed = []
+        for v in vals.split(","):
+            try:
+                parsed.append(json.loads(v))
+            except ValueError:
+                parsed.append(v.strip())
+        out[key.strip()] = parsed
+    return out
+
+
+def _value(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _point_id(p: dict) -> tuple:
+    return tuple(p["layers"]), p["lambda"], tuple(sorted((p.get("set") or {}).items()))
+
+
 def _markdown(doc: dict) -> str:
     dataset = doc["setup"]["dataset"]
     keys = SHOWN[dataset]
     rows = sorted(doc["points"], key=lambda p: -p["metrics"].get(keys[0], 0))
-    lines = [f"# MEMIT sweep: {doc['model']}, {dataset}, {doc['n']} records, one batch", "",
+    extra = sorted({k for p in rows for k in (p.get("set") or {})})
+    method = doc["setup"].get("method", "memit")
+    lines = [f"# {method} sweep: {doc['model']}, {dataset}, {doc['n']} records, one batch", "",
              "Unedited: " + ", ".join(f"{k} {100 * doc['pre'][k]:.1f}" for k in keys if k in doc["pre"]), "",
-             "| layers | λ | " + " | ".join(keys) + " | mean residual left | step scales | s |",
-             "|---|---|" + "---|" * len(keys) + "---|---|---|"]
+             "| layers | λ | " + "".join(f"{k} | " for k in extra) + " | ".join(keys)
+             + " | mean residual left | step scales | s |",
+             "|---|---|" + "---|" * (len(extra) + len(keys)) + "---|---|---|"]
     for p in rows:
-        m = p["metrics"]
-        lines.append(f"| {p['layers'][0]}–{p['layers'][-1]} | {p['lambda']:g} | "
+        m, st = p["metrics"], p.get("set") or {}
+        lam = "—" if p["lambda"] is None else f"{p['lambda']:g}"
+        lines.append(f"| {p['layers'][0]}–{p['layers'][-1]} | {lam} | " + "".join(f"{_value(st.get(k, '—'))} | " for k in extra)
                      + " | ".join(f"{100 * m[k]:.1f}" if k in m else "—" for k in keys)
                      + f" | {p['residual_left']:.2f} | {_scales(p)} | {p['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -58,21 +93,39 @@ def _markdown(doc: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", default="memit", choices=["memit", "pmet", "alphaedit"])
     ap.add_argument("--dataset", default="counterfact", choices=["counterfact", "zsre"])
     ap.add_argument("--data", default=None, help="dataset file (default: the sample shipped with fedit)")
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--layers", default="3-6,4-7,5-8", help="layer ranges, e.g. 3-6,4-7")
-    ap.add_argument("--lambdas", default="300,1000,3000", help="values of mom2_update_weight")
+    ap.add_argument("--lambdas", default=None,
+                    help="values of mom2_update_weight (default 300,1000,3000; AlphaEdit has none)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
+                    help="another hyperparameter and its values, e.g. alpha=10,1 (repeatable)")
     ap.add_argument("--target-precision", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--target-cache", default=None)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--hparams", default=None, help="JSON file of MEMIT hyperparameters to sweep around")
+    ap.add_argument("--hparams", default=None, help="JSON file of the method's hyperparameters to sweep around")
     ap.add_argument("--corpus", default=None, help="text for second moments (default: shipped WikiText-2 sample)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if args.method == "alphaedit" and args.lambdas:
+        print("error: AlphaEdit does not use λ (mom2_update_weight); sweep its ridge with --set alpha=10,1",
+              file=sys.stderr)
+        return 2
+    lambdas = [None] if args.method == "alphaedit" else [float(x) for x in (args.lambdas or "300,1000,3000").split(",")]
+    try:
+        extra = _grid_values(args.set)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if {"layers", "mom2_update_weight", "target_precision"} & set(extra):
+        print("error: sweep layers with --layers, λ with --lambdas and give --target-precision once",
+              file=sys.stderr)
+        return 2
 
     import torch
 
@@ -80,7 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     import fedit
     from fedit.data.loaders import load_records
-    from fedit.evaluate.runner import EvalConfig, aggregate, measure, measure_unedited, record_metrics
+    from fedit.errors import FeditError
+    from fedit.evaluate.runner import (
+        EvalConfig,
+        aggregate,
+        measure,
+        measure_unedited,
+        record_metrics,
+    )
     from fedit.methods import Resources
     from fedit.paths import cache_root
 
@@ -91,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     setup = {"model": args.model or fedit.DEFAULT_MODEL, "dataset": args.dataset, "data": args.data,
              "n": args.n, "hparams": json.loads(Path(args.hparams).read_text()) if args.hparams else None,
              "corpus": args.corpus, "target_precision": args.target_precision}
+    if args.method != "memit":  # MEMIT sweeps made before --method keep their setup, and can be extended
+        setup["method"] = args.method
     try:
         doc = json.loads(path.read_text()) if path.exists() else {"setup": setup, "points": []}
     except json.JSONDecodeError as e:
@@ -112,21 +174,28 @@ def main(argv: list[str] | None = None) -> int:
     raw_pre, _, _ = measure_unedited(lm, records, [], EvalConfig(dataset=args.dataset, fluency_records=0),
                                      cache_root(args.cache_dir) / "measurements")
     doc["pre"] = aggregate([record_metrics(r, None, args.dataset) for r in raw_pre])
-    done = {(tuple(p["layers"]), p["lambda"]) for p in doc["points"]}
+    done = {_point_id(p) for p in doc["points"]}
     # grouped by last layer, so that the cached z of one layer are used by every point after the first
-    grid = sorted(((ls, float(lam)) for ls in _layer_sets(args.layers) for lam in args.lambdas.split(",")),
-                  key=lambda g: (g[0][-1], g[0], g[1]))
-    for layers, lam in grid:
-        if (tuple(layers), lam) in done:
+    sets = [dict(zip(extra, vals)) for vals in itertools.product(*extra.values())]
+    grid = sorted(((ls, lam, st) for ls in _layer_sets(args.layers) for lam in lambdas for st in sets),
+                  key=lambda g: (g[0][-1], g[0], g[1] or 0.0, sorted(g[2].items())))
+    for layers, lam, st in grid:
+        if _point_id({"layers": layers, "lambda": lam, "set": st}) in done:
             continue
         t0 = time.perf_counter()
-        overrides = {"layers": layers, "mom2_update_weight": lam, "target_precision": args.target_precision}
-        result = fedit.edit(lm, [r.request for r in records], method="memit", overrides=overrides,
-                             hparams_file=args.hparams, resources=res)
+        overrides = {"layers": layers, "target_precision": args.target_precision, **st}
+        if lam is not None:
+            overrides["mom2_update_weight"] = lam
+        try:
+            result = fedit.edit(lm, [r.request for r in records], method=args.method, overrides=overrides,
+                                 hparams_file=args.hparams, resources=res)
+        except FeditError as e:  # e.g. a key the method does not have: nothing measured yet
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         raw = measure(lm, records)
         result.applied.revert()
         norms = result.outcome.diagnostics.get("residual_norms") or [1.0]
-        point = {"layers": layers, "lambda": lam,
+        point = {"layers": layers, "lambda": lam, **({"set": st} if st else {}),
                  "metrics": aggregate([record_metrics(r, p, args.dataset) for r, p in zip(raw, raw_pre)]),
                  "residual_left": norms[-1] / norms[0] if norms[0] else 0.0,
                  # 0 for a layer whose update backtracking rejected (it wrote nothing)
@@ -138,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps(doc))
         tmp.replace(path)
         keys = SHOWN[args.dataset]
-        print(f"layers {layers[0]}-{layers[-1]} λ {lam:g}: "
+        print(f"layers {layers[0]}-{layers[-1]}" + ("" if lam is None else f" λ {lam:g}")
+              + "".join(f" {k} {v}" for k, v in st.items()) + ": "
               + ", ".join(f"{k} {100 * point['metrics'][k]:.1f}" for k in keys if k in point["metrics"])
               + f" ({point['seconds']:.0f} s, {point['targets_from_cache']} targets cached)", flush=True)
     (out / "sweep.md").write_text(_markdown(doc))

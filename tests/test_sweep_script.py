@@ -43,3 +43,32 @@ def test_sweep_writes_points_and_resumes(tiny_model_dir, tmp_path, capsys):
     assert sweep.main([*common, "--layers", "2", "--lambdas", "10"]) == 2
     assert "is not a sweep file" in capsys.readouterr().err
     assert (tmp_path / "out" / "sweep.json").read_text() == saved[:40]
+
+
+def test_sweep_of_alphaedit_hyperparameters(tiny_model_dir, tmp_path, capsys):
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps(FAST))
+    common = ["--model", str(tiny_model_dir), "--hparams", str(hp), "--corpus", str(CORPUS), "--cache-dir",
+              str(tmp_path / "cache"), "--target-cache", str(tmp_path / "targets"), "--n", "2",
+              "--out", str(tmp_path / "out"), "--method", "alphaedit", "--layers", "1-2"]
+    sweep = load_script("sweep_memit")
+    # AlphaEdit has no λ; a key it does not have is named before anything is written
+    assert sweep.main([*common, "--lambdas", "10"]) == 2 and "--set alpha" in capsys.readouterr().err
+    assert sweep.main([*common, "--set", "lambda_=1"]) == 2 and "lambda_" in capsys.readouterr().err
+    assert sweep.main([*common, "--set", "alpha"]) == 2 and "KEY=V1,V2" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "sweep.json").exists()
+    assert sweep.main([*common, "--set", "alpha=100,0.1", "--set", "nullspace_threshold=1e-6,1e6"]) == 0
+    doc = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert doc["setup"]["method"] == "alphaedit" and len(doc["points"]) == 4
+    by = {(p["set"]["alpha"], p["set"]["nullspace_threshold"]): p for p in doc["points"]}
+    assert all(p["lambda"] is None for p in doc["points"])
+    # a weaker ridge leaves less of the residual; a threshold above every eigenvalue leaves the whole
+    # key space to the update, one below all of them none (no edit: the residual stays)
+    assert by[(0.1, 1e6)]["residual_left"] < by[(100, 1e6)]["residual_left"]
+    assert by[(0.1, 1e-6)]["residual_left"] > 0.99
+    table = (tmp_path / "out" / "sweep.md").read_text()
+    assert table.startswith("# alphaedit sweep") and "| alpha | nullspace_threshold |" in table
+    # a rerun with one more α measures only the new points
+    capsys.readouterr()
+    assert sweep.main([*common, "--set", "alpha=100,0.1,1", "--set", "nullspace_threshold=1e6"]) == 0
+    assert len(json.loads((tmp_path / "out" / "sweep.json").read_text())["points"]) == 5
