@@ -51,6 +51,36 @@ def test_record_metrics_by_hand():
     assert agg["reliability"] == agg["efficacy_acc"]
 
 
+def test_shared_inputs_finds_the_longest_extension():
+    from fedit.core.probe import shared_inputs
+
+    inputs = [(1, 2), (1, 2, 3), (1,), (2, 5), (1, 2), (1, 3), (1, 2, 3, 4)]
+    runs, where = shared_inputs(inputs)
+    assert sorted(runs) == [(1, 2, 3, 4), (1, 3), (2, 5)]  # every other input is a prefix of one of these
+    for seq, j in zip(inputs, where):
+        assert runs[j][:len(seq)] == seq
+
+
+def test_teacher_forcing_reads_shared_prefixes_exactly():
+    from fedit.core.probe import shared_inputs, teacher_forced
+    from fedit.core.tokens import encode, target_ids
+
+    lm = tiny_model("gpt2")
+    # one-token and multi-token answers after the same prompts, one answer extending another
+    prompts = ["The Eiffel Tower is in", "The Eiffel Tower is in", "The Eiffel Tower is in", "Danielle speaks",
+               "Danielle speaks", "The Eiffel Tower is in Rome and"]
+    answers = [" Rome", " Paris", " Rome and Paris", " French", " English language", " Paris"]
+    shared = teacher_forced(lm, prompts, answers)
+    runs, _ = shared_inputs([tuple(encode(lm.tokenizer, p) + target_ids(lm.tokenizer, a)[:-1])
+                             for p, a in zip(prompts, answers)])
+    assert len(runs) == 2  # the four Eiffel pairs read one pass, the two Danielle pairs another
+    alone = teacher_forced(lm, prompts, answers, share=False)
+    one_by_one = [teacher_forced(lm, [p], [a])[0] for p, a in zip(prompts, answers)]
+    for a, b, c in zip(shared, alone, one_by_one):
+        assert a["answer"] == b["answer"] == c["answer"] and a["pred"] == b["pred"] == c["pred"]
+        assert a["nll_sum"] == pytest.approx(c["nll_sum"], abs=1e-4) and b["nll_sum"] == pytest.approx(c["nll_sum"], abs=1e-4)
+
+
 def test_end_to_end_eval_on_tiny_model(tiny_cache, tmp_path):
     lm = tiny_model("gpt2")
     records = _records()

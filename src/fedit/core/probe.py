@@ -8,33 +8,69 @@ import torch.nn.functional as F
 from fedit.core.tokens import encode, pad, pad_id, target_ids
 
 
+def shared_inputs(inputs: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The token sequences to run, and for each input the index of the one that holds it.
+
+    In a causal LM the hidden states of a sequence are the same when it is the prefix of a
+    longer one, so an input that equals, or begins, another input is read from that one. In
+    lexicographic order a sequence's extensions follow it directly, so one backward pass over
+    the sorted inputs finds each input's longest extension (its host).
+    """
+    uniq = sorted(set(inputs))
+    host: dict[tuple[int, ...], tuple[int, ...]] = {}
+    for k in range(len(uniq) - 1, -1, -1):
+        seq = uniq[k]
+        nxt = uniq[k + 1] if k + 1 < len(uniq) else None
+        host[seq] = host[nxt] if nxt is not None and nxt[:len(seq)] == seq else seq
+    runs = sorted(set(host.values()), key=lambda r: (len(r), r))
+    index = {r: j for j, r in enumerate(runs)}
+    return runs, [index[host[seq]] for seq in inputs]
+
+
 @torch.no_grad()
-def teacher_forced(lm, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[dict]:
+def teacher_forced(lm, prompts: list[str], answers: list[str], batch_size: int = 32,
+                   share: bool = True) -> list[dict]:
     """Score each answer after its prompt under teacher forcing.
 
     Returns per pair ``{"nll_sum", "n_tokens", "pred", "answer"}`` (``pred``: the top-1
     token id at each answer position; ``answer``: the answer's token ids). Logits are formed
-    only at answer positions. Pairs are batched by length (less padding), results come back
-    in the order given.
+    only at answer positions, once per position however many pairs read it. A pair's input is its prompt and all answer tokens but the last;
+    with ``share`` (the default) pairs whose inputs are equal or prefixes of one another (the
+    true and the new target after the same prompt, single-token answers above all) are read
+    from one forward pass (:func:`shared_inputs`). Sequences are batched by length (less
+    padding); results come back in the order given.
     """
     tok, ad = lm.tokenizer, lm.adapter
     encoded = [(encode(tok, p), target_ids(tok, a)) for p, a in zip(prompts, answers)]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
+    inputs = [tuple(pi + ai[:-1]) for pi, ai in encoded]
+    if share:
+        runs, where = shared_inputs(inputs)
+    else:
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+        runs, where = [inputs[i] for i in order], [0] * len(inputs)
+        for j, i in enumerate(order):
+            where[i] = j
+    readers: list[list[int]] = [[] for _ in runs]
+    for i, j in enumerate(where):
+        readers[j].append(i)
     out: list[dict | None] = [None] * len(encoded)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        seqs = [encoded[i][0] + encoded[i][1] for i in idx]
-        spans = [(len(encoded[i][0]), encoded[i][1]) for i in idx]
-        ids, mask = pad(seqs, pad_id(tok))
+    for s in range(0, len(runs), batch_size):
+        batch = list(range(s, min(s + batch_size, len(runs))))
+        ids, mask = pad([list(runs[j]) for j in batch], pad_id(tok))
         hidden = ad.body()(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).last_hidden_state
-        rows = torch.cat([torch.full((len(ai),), r) for r, (_, ai) in enumerate(spans)]).to(lm.device)
-        cols = torch.cat([torch.arange(P - 1, P - 1 + len(ai)) for P, ai in spans]).to(lm.device)
-        logp = F.log_softmax(ad.logits(hidden[rows, cols]).float(), -1)
+        pairs = [(r, i) for r, j in enumerate(batch) for i in readers[j]]
+        spans = [(len(encoded[i][0]), encoded[i][1]) for _, i in pairs]
+        rows = torch.cat([torch.full((len(ai),), r) for (r, _), (_, ai) in zip(pairs, spans)])
+        cols = torch.cat([torch.arange(P - 1, P - 1 + len(ai)) for P, ai in spans])
+        # positions read by several pairs (two targets after one prompt): one row of logits each
+        cells, slot = torch.unique(torch.stack([rows, cols], 1), dim=0, return_inverse=True)
+        cells, slot = cells.to(lm.device), slot.to(lm.device)
+        logp = F.log_softmax(ad.logits(hidden[cells[:, 0], cells[:, 1]]).float(), -1)
         flat_ans = torch.tensor([t for _, ai in spans for t in ai], device=lm.device)
-        nll = -logp.gather(1, flat_ans[:, None])[:, 0]
-        pred = logp.argmax(-1)
+        nll = -logp[slot, flat_ans]
+        pred = logp.argmax(-1)[slot]
         k = 0
-        for i, (_, ai) in zip(idx, spans):
+        for (_, i), (_, ai) in zip(pairs, spans):
             m = len(ai)
             out[i] = {"nll_sum": float(nll[k:k + m].sum()), "n_tokens": m, "pred": pred[k:k + m].tolist(),
                       "answer": list(ai)}

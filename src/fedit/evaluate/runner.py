@@ -81,10 +81,13 @@ def _probes(rec: EvalRecord) -> list[tuple[str, str, str, int]]:
     return out
 
 
-def measure(lm, records: list[EvalRecord], batch_size: int = 32) -> list[dict[str, Any]]:
-    """Raw teacher-forced scores of every probe of every record (one dict per record)."""
+def measure(lm, records: list[EvalRecord], batch_size: int = 32, share: bool = True) -> list[dict[str, Any]]:
+    """Raw teacher-forced scores of every probe of every record (one dict per record).
+
+    ``share``: probes whose inputs coincide (the new and the true target after one prompt) are
+    read from one forward pass (:func:`fedit.core.probe.teacher_forced`)."""
     flat = [(ri, g, p, a, i) for ri, r in enumerate(records) for (g, p, a, i) in _probes(r)]
-    scores = teacher_forced(lm, [f[2] for f in flat], [f[3] for f in flat], batch_size=batch_size)
+    scores = teacher_forced(lm, [f[2] for f in flat], [f[3] for f in flat], batch_size=batch_size, share=share)
     out: list[dict[str, Any]] = [{} for _ in records]
     for (ri, g, _, _, i), s in zip(flat, scores):
         out[ri].setdefault(g, {})[i] = s

@@ -1,0 +1,86 @@
+"""Measuring records: probes with coinciding inputs read from one forward pass vs one pass each.
+
+A measuring script, not a test: it prints figures and asserts nothing about time. It loads the
+default model (Gemma 3 270M, offline) and measures the first ``--n`` records of a dataset with
+``fedit.evaluate.runner.measure`` twice per repeat, alternating the two ways (``share`` on: the
+new and the true target after the same prompt, and any input that begins another, are read from
+one pass; off: every probe runs its own sequence). Reported: seconds per record for each way and
+their ratio (medians over ``--repeats``), how many sequences each way runs, and the largest
+difference of a probe's NLL between the two (float noise only: the logits are the same).
+
+    python benchmarks/bench_measure.py --n 50 --threads 2
+    python benchmarks/bench_measure.py --dataset zsre --data ../shared/data/zsre/zsre_mend_eval_portability_gpt4.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_portability_gpt4.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="counterfact")
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import fedit
+    from fedit.core.probe import shared_inputs
+    from fedit.core.tokens import encode, target_ids
+    from fedit.data.loaders import load_records
+    from fedit.evaluate.runner import _probes, measure
+
+    lm = fedit.load_model(args.model or fedit.DEFAULT_MODEL, device=args.device)
+    records = load_records(args.dataset, args.data, n=args.n)
+    probes = [(p, a) for r in records for (_, p, a, _) in _probes(r)]
+    inputs = [tuple(encode(lm.tokenizer, p) + target_ids(lm.tokenizer, a)[:-1]) for p, a in probes]
+    runs, _ = shared_inputs(inputs)
+    measure(lm, records[:2])  # warm-up
+    times: dict[bool, list[float]] = {True: [], False: []}
+    results: dict[bool, list] = {}
+    for _ in range(args.repeats):
+        for share in (False, True):
+            t0 = time.perf_counter()
+            results[share] = measure(lm, records, share=share)
+            times[share].append(time.perf_counter() - t0)
+    diff = 0.0
+    for a, b in zip(results[True], results[False]):
+        for group, scores in a.items():
+            for i, s in scores.items():
+                diff = max(diff, abs(s["nll_sum"] - b[group][i]["nll_sum"]))
+    med = {k: statistics.median(v) / len(records) for k, v in times.items()}
+    out = {"model": lm.name, "dataset": args.dataset, "records": len(records), "probes": len(probes),
+           "sequences_shared": len(runs), "sequences_each": len(probes), "threads": torch.get_num_threads(),
+           "s_per_record_each": round(med[False], 4), "s_per_record_shared": round(med[True], 4),
+           "speedup": round(med[False] / med[True], 2), "max_nll_difference": diff}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{out['model']}, {out['records']} {args.dataset} records, {out['probes']} probes, "
+              f"{out['threads']} threads")
+        print(f"one pass per probe:        {out['sequences_each']} sequences, {out['s_per_record_each']} s/record")
+        print(f"coinciding inputs shared:  {out['sequences_shared']} sequences, "
+              f"{out['s_per_record_shared']} s/record")
+        print(f"speed-up {out['speedup']}x; largest NLL difference {diff:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
