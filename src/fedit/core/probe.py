@@ -34,11 +34,12 @@ def teacher_forced(lm, prompts: list[str], answers: list[str], batch_size: int =
 
     Returns per pair ``{"nll_sum", "n_tokens", "pred", "answer"}`` (``pred``: the top-1
     token id at each answer position; ``answer``: the answer's token ids). Logits are formed
-    only at answer positions, once per position however many pairs read it. A pair's input is its prompt and all answer tokens but the last;
-    with ``share`` (the default) pairs whose inputs are equal or prefixes of one another (the
-    true and the new target after the same prompt, single-token answers above all) are read
-    from one forward pass (:func:`shared_inputs`). Sequences are batched by length (less
-    padding); results come back in the order given.
+    only at answer positions, once per position however many pairs read it. A pair's input is
+    its prompt and all answer tokens but the last; with ``share`` (the default) pairs whose
+    inputs are equal or prefixes of one another (the true and the new target after the same
+    prompt, single-token answers above all) are read from one forward pass
+    (:func:`shared_inputs`). Sequences are batched by length (less padding); results come
+    back in the order given.
     """
     tok, ad = lm.tokenizer, lm.adapter
     encoded = [(encode(tok, p), target_ids(tok, a)) for p, a in zip(prompts, answers)]
