@@ -8,6 +8,12 @@ import torch.nn.functional as F
 from fedit.core.tokens import encode, pad, pad_id, target_ids
 
 
+def probe_inputs(tok, prompts: list[str], answers: list[str]) -> list[tuple[int, ...]]:
+    """The token sequence each (prompt, answer) pair is run on under teacher forcing: the prompt
+    and every answer token but the last (the logits at its positions predict the answer)."""
+    return [tuple(encode(tok, p) + target_ids(tok, a)[:-1]) for p, a in zip(prompts, answers)]
+
+
 def shared_inputs(inputs: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
     """The token sequences to run, and for each input the index of the one that holds it.
 
@@ -43,7 +49,7 @@ def teacher_forced(lm, prompts: list[str], answers: list[str], batch_size: int =
     """
     tok, ad = lm.tokenizer, lm.adapter
     encoded = [(encode(tok, p), target_ids(tok, a)) for p, a in zip(prompts, answers)]
-    inputs = [tuple(pi + ai[:-1]) for pi, ai in encoded]
+    inputs = probe_inputs(tok, prompts, answers)
     if share:
         runs, where = shared_inputs(inputs)
     else:
