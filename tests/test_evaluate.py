@@ -111,6 +111,7 @@ def test_sequential_and_per_batch_protocols(tiny_cache):
                                                fluency_records=0), overrides={k: v for k, v in STRONG.items() if k != "mom2_update_weight"} | {"layers": [1]},
                        resources=resources(tiny_cache))
         assert rep["batch_size"] == 1 and rep["sequential"] is seq and "fluency" not in rep["metrics"]
+        assert "edit_diagnostics" not in rep  # ROME has no layer loop
         assert all(torch.equal(p, w0[n]) for n, p in lm.model.named_parameters())
 
 
@@ -130,6 +131,12 @@ def test_sequential_eval_tracks_every_batch(tmp_path):
     assert (tmp_path / "out" / "batches.png").exists() and "batches_chart" in files
     md = (tmp_path / "out" / "report.md").read_text()
     assert "After each sequential batch" in md and "Each batch's own records" in md
+    # what the layer loop did, batch by batch: the residual at the last layer and each layer's step
+    diags = report["edit_diagnostics"]
+    assert [d["batch"] for d in diags] == [1, 2, 3] and all(d["layers"] == [1, 2] for d in diags)
+    assert all(len(d["residual_norms"]) == 3 and len(d["step_scales"]) == 2 for d in diags)
+    assert all(d["residual_norms"][-1] < d["residual_norms"][0] for d in diags)
+    assert "Layer loop per batch" in md and "Rejected by backtracking: " in md
 
 
 def test_sequential_eval_splits_the_edits_by_the_batch_they_were_made_in(tmp_path):
@@ -213,6 +220,10 @@ def test_sequential_run_resumes_from_its_checkpoint_with_the_same_result(method,
     w0 = {n: p.clone() for n, p in lm.model.named_parameters()}
     resumed = evaluate(lm, records, cfg, overrides=over, resources=res, checkpoint_dir=ck, resume=True)
     assert resumed["resumed_after_batch"] == 2
+    assert [d["batch"] for d in resumed["edit_diagnostics"]] == [1, 2, 3]  # the first two from the checkpoint
+    assert resumed["edit_diagnostics"][:2] == whole["edit_diagnostics"][:2]
+    if method == "alphaedit":
+        assert set(whole["edit_diagnostics"][0]["null_space_rank"]) == {"1", "2"}
     assert [r["edits"] for r in resumed["per_batch"]] == [0, 1, 2, 3]
     for key in ("efficacy_success", "paraphrase_success", "neighborhood_success", "efficacy_acc"):
         assert resumed["metrics"][key] == pytest.approx(whole["metrics"][key]), key

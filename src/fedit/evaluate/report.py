@@ -32,6 +32,7 @@ def markdown(report: dict[str, Any]) -> str:
         for r in report["per_batch"]:
             lines.append(f"| {r['batch']} | {r['edits']} | " + " | ".join(_fmt(r["metrics"][k]) for k in keys_b) + " |")
     lines += origin_lines(report)
+    lines += diagnostic_lines(report)
     lines += ["", f"Consistency (RS): {report.get('consistency')}", ""]
     return "\n".join(lines)
 
@@ -56,6 +57,31 @@ def origin_lines(report: dict[str, Any]) -> list[str]:
              "| batch | edits | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['edits']} | " + " | ".join(cell(r, k) for k in keys) + " |")
+    return lines
+
+
+def diagnostic_lines(report: dict[str, Any]) -> list[str]:
+    """What the layer loop did in each batch: the mean residual at the last edited layer before
+    and after the edit, and the step scale each layer's update was applied with (0: rejected by
+    backtracking, so that layer wrote nothing)."""
+    diags = report.get("edit_diagnostics") or []
+    if not diags:
+        return []
+    layers = diags[0].get("layers") or list(range(len(diags[0]["step_scales"])))
+    lines = ["", ("Layer loop per batch (mean residual at the last edited layer before → after; step scale "
+                  "each layer's update was applied with, 0 = rejected by backtracking):"), "",
+             "| batch | residual | " + " | ".join(f"layer {l}" for l in layers) + " |",
+             "|---|---|" + "---|" * len(layers)]
+    shown = diags if len(diags) <= 12 else diags[:5] + diags[-5:]
+    for i, d in enumerate(shown):
+        if len(diags) > 12 and i == 5:
+            lines.append(f"| … {len(diags) - 10} more | | " + " | ".join("" for _ in layers) + " |")
+        r = d["residual_norms"]
+        lines.append(f"| {d['batch']} | {r[0]:.3g} → {r[-1]:.3g} | " + " | ".join(f"{s:g}" for s in d["step_scales"]) + " |")
+    if len(diags) > 1:
+        rejected = [(l, sum(d["step_scales"][j] == 0 for d in diags)) for j, l in enumerate(layers)]
+        lines += ["", "Rejected by backtracking: " + (", ".join(f"layer {l} in {k} of {len(diags)} batches"
+                                                                for l, k in rejected if k) or "no layer, in no batch") + "."]
     return lines
 
 

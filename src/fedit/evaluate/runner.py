@@ -197,6 +197,7 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
         torch.cuda.reset_peak_memory_stats(lm.device)
     state = None  # carried between batches only when they accumulate (AlphaEdit)
     per_batch: list[dict[str, Any]] = []
+    diagnostics: list[dict[str, Any]] = []  # per batch: what the layer loop did (edit_diagnostics)
     done: list[int] = []
     start, touched, pre_cached = 0, set(), False
     if ckpt is not None and resume and ckpt.exists():
@@ -209,6 +210,7 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
         applied.append(AppliedEdit(model=lm.model, deltas=None, originals=originals))
         touched = set(weights)
         start, per_batch, done = doc["batches_done"], doc["per_batch"], doc["done"]
+        diagnostics = doc.get("diagnostics", [])
         edit_seconds, target_seconds, from_cache = doc["edit_seconds"], doc["target_seconds"], doc["from_cache"]
         raw_pre, gen_pre = doc["raw_pre"], doc["gen_pre"]
         log.info("resuming from %s after batch %d of %d", ckpt.dir, start, len(batches))
@@ -225,6 +227,8 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
         edit_seconds += res.outcome.seconds
         target_seconds += res.outcome.target_seconds
         from_cache += sum(bool(t.get("cached")) for t in res.outcome.targets)
+        if (d := edit_diagnostics(res.outcome.diagnostics)) is not None:
+            diagnostics.append({"batch": bi + 1, **d})
         if cfg.sequential:
             applied.append(res.applied)
             done.extend(b)
@@ -234,7 +238,8 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
             touched |= set(res.applied.originals)
             if ckpt is not None:
                 ckpt.save(lm.model, touched, state, {
-                    "batches_done": bi + 1, "per_batch": per_batch, "done": done, "edit_seconds": edit_seconds,
+                    "batches_done": bi + 1, "per_batch": per_batch, "diagnostics": diagnostics,
+                    "done": done, "edit_seconds": edit_seconds,
                     "target_seconds": target_seconds, "from_cache": from_cache, "raw_pre": raw_pre,
                     "gen_pre": gen_pre, "model_name": lm.name})
         else:
@@ -281,7 +286,24 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
     }
     if per_batch:
         report["per_batch"] = per_batch
+    if diagnostics:
+        report["edit_diagnostics"] = diagnostics
     return report
+
+
+def edit_diagnostics(diag: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON part of an edit's layer-loop diagnostics: edited ``layers``, mean residual at the
+    last layer before the first and after each one (``residual_norms``), the step scale each
+    layer's update was applied with (``step_scales``; 0: backtracking rejected it) and, for
+    AlphaEdit, the rank of each layer's null-space projector. None for methods without a
+    layer loop (ROME, the base form)."""
+    if "step_scales" not in diag:
+        return None
+    out = {"layers": diag.get("layers"), "residual_norms": [round(float(x), 4) for x in diag["residual_norms"]],
+           "step_scales": [float(x) for x in diag["step_scales"]]}
+    if "null_space_rank" in diag:
+        out["null_space_rank"] = {str(k): int(v) for k, v in diag["null_space_rank"].items()}
+    return out
 
 
 def _resolved_hparams(method: str, lm, overrides: dict | None, hparams_file) -> dict[str, Any]:

@@ -119,7 +119,7 @@ def spread_over_layers(lm, requests: list[EditRequest], hp: MemitHparams, groups
     Δ = ``solve(l, K, R)`` ([d_out, d_in]), applied (halved while it does not shrink the
     residual, ``hp.backtrack_steps``). ``on_edited`` runs once every layer is written, before
     the weights are restored (AlphaEdit reads the edited keys there). Returns the deltas per
-    layer ([d_out, d_in]) and diagnostics (``residual_norms`` before the first layer and after
+    layer ([d_out, d_in]) and diagnostics (``layers``, ``residual_norms`` before the first layer and after
     each one, ``pullback``, ``step_scales``).
     """
     ad, layers, L = lm.adapter, hp.layers, hp.layers[-1]
@@ -169,7 +169,7 @@ def spread_over_layers(lm, requests: list[EditRequest], hp: MemitHparams, groups
         with torch.no_grad():
             for l in layers:
                 params[names[l]].copy_(originals[l])
-    return deltas, {"residual_norms": residual_norms, "pullback": pullback, "step_scales": steps,
+    return deltas, {"layers": list(layers), "residual_norms": residual_norms, "pullback": pullback, "step_scales": steps,
                     # the keys and W_out-space residuals each layer was solved with (scaled as applied)
                     "layer_vectors": {"keys": vec_keys, "resids": vec_resids}}
 
