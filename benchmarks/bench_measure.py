@@ -42,14 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     import fedit
-    from fedit.core.probe import probe_inputs, shared_inputs
+    from fedit.core.probe import encode_pairs, probe_inputs, shared_inputs
     from fedit.data.loaders import load_records
     from fedit.evaluate.runner import _probes, measure
 
     lm = fedit.load_model(args.model or fedit.DEFAULT_MODEL, device=args.device)
     records = load_records(args.dataset, args.data, n=args.n)
     probes = [(p, a) for r in records for (_, p, a, _) in _probes(r)]
-    runs, _ = shared_inputs(probe_inputs(lm.tokenizer, [p for p, _ in probes], [a for _, a in probes]))
+    runs, _ = shared_inputs(probe_inputs(encode_pairs(lm.tokenizer, [p for p, _ in probes], [a for _, a in probes])))
     measure(lm, records[:2])  # warm-up
     times: dict[bool, list[float]] = {True: [], False: []}
     results: dict[bool, list] = {}

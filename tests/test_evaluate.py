@@ -62,7 +62,7 @@ def test_shared_inputs_finds_the_longest_extension():
 
 
 def test_teacher_forcing_reads_shared_prefixes_exactly():
-    from fedit.core.probe import probe_inputs, shared_inputs, teacher_forced
+    from fedit.core.probe import encode_pairs, probe_inputs, shared_inputs, teacher_forced
 
     lm = tiny_model("gpt2")
     # one-token and multi-token answers after the same prompts, one answer extending another
@@ -70,7 +70,7 @@ def test_teacher_forcing_reads_shared_prefixes_exactly():
                "Danielle speaks", "The Eiffel Tower is in Rome and"]
     answers = [" Rome", " Paris", " Rome and Paris", " French", " English language", " Paris"]
     shared = teacher_forced(lm, prompts, answers)
-    runs, _ = shared_inputs(probe_inputs(lm.tokenizer, prompts, answers))
+    runs, _ = shared_inputs(probe_inputs(encode_pairs(lm.tokenizer, prompts, answers)))
     assert len(runs) == 2  # the four Eiffel pairs read one pass, the two Danielle pairs another
     alone = teacher_forced(lm, prompts, answers, share=False)
     one_by_one = [teacher_forced(lm, [p], [a])[0] for p, a in zip(prompts, answers)]

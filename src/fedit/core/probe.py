@@ -8,10 +8,16 @@ import torch.nn.functional as F
 from fedit.core.tokens import encode, pad, pad_id, target_ids
 
 
-def probe_inputs(tok, prompts: list[str], answers: list[str]) -> list[tuple[int, ...]]:
-    """The token sequence each (prompt, answer) pair is run on under teacher forcing: the prompt
-    and every answer token but the last (the logits at its positions predict the answer)."""
-    return [tuple(encode(tok, p) + target_ids(tok, a)[:-1]) for p, a in zip(prompts, answers)]
+def encode_pairs(tok, prompts: list[str], answers: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) of each pair; the answer as it continues the prompt."""
+    return [(encode(tok, p), target_ids(tok, a)) for p, a in zip(prompts, answers)]
+
+
+def probe_inputs(encoded: list[tuple[list[int], list[int]]]) -> list[tuple[int, ...]]:
+    """The token sequence each encoded pair (:func:`encode_pairs`) is run on under teacher
+    forcing: the prompt and every answer token but the last (the logits at its positions
+    predict the answer)."""
+    return [tuple(p + a[:-1]) for p, a in encoded]
 
 
 def shared_inputs(inputs: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
@@ -48,8 +54,8 @@ def teacher_forced(lm, prompts: list[str], answers: list[str], batch_size: int =
     back in the order given.
     """
     tok, ad = lm.tokenizer, lm.adapter
-    encoded = [(encode(tok, p), target_ids(tok, a)) for p, a in zip(prompts, answers)]
-    inputs = probe_inputs(tok, prompts, answers)
+    encoded = encode_pairs(tok, prompts, answers)
+    inputs = probe_inputs(encoded)
     if share:
         runs, where = shared_inputs(inputs)
     else:

@@ -67,7 +67,7 @@ def diagnostic_lines(report: dict[str, Any]) -> list[str]:
     diags = report.get("edit_diagnostics") or []
     if not diags:
         return []
-    layers = diags[0].get("layers") or list(range(len(diags[0]["step_scales"])))
+    layers = diags[0]["layers"]
     lines = ["", ("Layer loop per batch (mean residual at the last edited layer before → after; step scale "
                   "each layer's update was applied with, 0 = rejected by backtracking):"), "",
              "| batch | residual | " + " | ".join(f"layer {l}" for l in layers) + " |",

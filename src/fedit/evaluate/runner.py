@@ -299,7 +299,7 @@ def edit_diagnostics(diag: dict[str, Any]) -> dict[str, Any] | None:
     layer loop (ROME, the base form)."""
     if "step_scales" not in diag:
         return None
-    out = {"layers": diag.get("layers"), "residual_norms": [round(float(x), 4) for x in diag["residual_norms"]],
+    out = {"layers": list(diag["layers"]), "residual_norms": [round(float(x), 4) for x in diag["residual_norms"]],
            "step_scales": [float(x) for x in diag["step_scales"]]}
     if "null_space_rank" in diag:
         out["null_space_rank"] = {str(k): int(v) for k, v in diag["null_space_rank"].items()}
