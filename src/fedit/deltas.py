@@ -9,12 +9,14 @@ as metadata the requests, method, hyperparameters and model identity.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -35,6 +37,29 @@ class WeightDeltas:
     requests: list[dict[str, Any]] = field(default_factory=list)
     hparams: dict[str, Any] = field(default_factory=dict)
     originals: dict[str, torch.Tensor] | None = None  # values before the edit, for exact revert
+
+    @classmethod
+    def from_layers(cls, lm, layers: dict[int, torch.Tensor], method: str, requests: list | None = None,
+                    hparams: Any = None) -> "WeightDeltas":
+        """Per-layer updates of W_out in math layout [d_out, d_in] as deltas of the stored parameters.
+
+        ``lm`` is a loaded model (its adapter names and lays out the parameters); ``requests``
+        are :class:`~fedit.requests.EditRequest` or dicts; ``hparams`` a dataclass or a dict.
+        """
+        ad = lm.adapter
+        params = dict(lm.model.named_parameters())
+        out = {}
+        for l, d in layers.items():
+            name = ad.w_out_param_name(l)
+            out[name] = ad.to_param_layout(d).to(params[name].dtype).cpu()
+        reqs = [r if isinstance(r, dict) else r.to_dict() for r in (requests or [])]
+        if hparams is None:
+            hp = {}
+        elif dataclasses.is_dataclass(hparams):
+            hp = dataclasses.asdict(hparams)
+        else:
+            hp = dict(hparams)
+        return cls(deltas=out, method=method, model=lm.identity(), requests=reqs, hparams=hp)
 
     def apply(self, model: torch.nn.Module, check_base: bool = True) -> "AppliedEdit":
         """Add the deltas to ``model`` in place; the returned handle reverts bit-identically.
@@ -66,6 +91,15 @@ class WeightDeltas:
             for n, d in self.deltas.items():
                 params[n].add_(d.to(device=params[n].device, dtype=params[n].dtype))
         return AppliedEdit(model=model, deltas=self, originals=originals)
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module, check_base: bool = False) -> Iterator["AppliedEdit"]:
+        """Apply for the duration of a ``with`` block; the weights are restored however it ends."""
+        handle = self.apply(model, check_base=check_base)
+        try:
+            yield handle
+        finally:
+            handle.revert()
 
     def with_originals(self, model: torch.nn.Module) -> "WeightDeltas":
         """Record the model's current values of the touched parameters (call before applying)."""

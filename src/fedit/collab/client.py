@@ -39,13 +39,7 @@ class ModelState:
         self._applied: AppliedEdit | None = None
 
     def weight_deltas(self, delta: dict[int, torch.Tensor], method: str = "collabedit") -> WeightDeltas:
-        ad = self.lm.adapter
-        params = dict(self.lm.model.named_parameters())
-        out = {}
-        for l, d in delta.items():
-            name = ad.w_out_param_name(l)
-            out[name] = ad.to_param_layout(d.double()).to(params[name].dtype).cpu()
-        return WeightDeltas(deltas=out, method=method, model=self.lm.identity())
+        return WeightDeltas.from_layers(self.lm, {l: d.double() for l, d in delta.items()}, method)
 
     def set(self, version: str, delta: dict[int, torch.Tensor] | None) -> None:
         """Carry ``delta`` (cumulative, math layout) on top of the base weights, named ``version``."""

@@ -21,26 +21,56 @@ from fedit.methods.rome import RomeHparams, compute_rome
 
 @dataclass(frozen=True)
 class Method:
+    """A registered editing method and what it supports (everyone asks here, not by name)."""
+
     name: str
     hparams_class: type
     compute: Callable[..., EditOutcome]
     stateful: bool = False  # takes state= and returns EditOutcome.state (sequential editing)
+    family: str = "locate-then-edit"  # or "fine-tuning", "memory-based", "meta-learning", "in-context"
+    # Its update is MEMIT's solve of per-fact vectors (z, keys, residuals): the vectors can be
+    # shared instead of requests (FedEdit's private MKVs) and summed (CollabEdit).
+    private_mkvs: bool = False
+    takes_targets: bool = False  # accepts precomputed target vectors zs=
+    needs_training: bool = False  # needs a trained editor (``fedit train``) before it edits
+    description: str = ""
 
     def run(self, lm, requests, hparams, resources: Resources, zs=None, state=None) -> EditOutcome:
         """``compute`` with what this method takes: ``zs`` (precomputed targets) when given,
         ``state`` (the previous sequential batch's ``outcome.state``) when it is stateful."""
         kw: dict[str, Any] = {} if zs is None else {"zs": zs}
+        if zs is not None and not self.takes_targets:
+            raise FeditError(f"method {self.name!r} does not take precomputed target vectors.",
+                             f"use one of {names(takes_targets=True)} or leave the targets out.")
         if self.stateful:
             kw["state"] = state
         return self.compute(lm, requests, hparams, resources, **kw)
 
 
-METHODS: dict[str, Method] = {
-    "rome": Method("rome", RomeHparams, compute_rome),
-    "memit": Method("memit", MemitHparams, compute_memit),
-    "pmet": Method("pmet", PmetHparams, compute_pmet),
-    "alphaedit": Method("alphaedit", AlphaEditHparams, compute_alphaedit, stateful=True),
-}
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (a method module calls this once, at import)."""
+    if method.name in METHODS and METHODS[method.name] != method:
+        raise FeditError(f"editing method {method.name!r} is registered twice.", "give the new method another name.")
+    METHODS[method.name] = method
+    return method
+
+
+def names(**capabilities: Any) -> list[str]:
+    """Registered method names, optionally only those with the given capabilities
+    (``names(private_mkvs=True)``, ``names(family="memory-based")``)."""
+    return sorted(n for n, m in METHODS.items() if all(getattr(m, k) == v for k, v in capabilities.items()))
+
+
+register(Method("rome", RomeHparams, compute_rome, description="rank-one update of one MLP layer, one fact at a time"))
+register(Method("memit", MemitHparams, compute_memit, private_mkvs=True, takes_targets=True,
+                description="many facts at once, spread over several MLP layers"))
+register(Method("pmet", PmetHparams, compute_pmet, private_mkvs=True, takes_targets=True,
+                description="MEMIT with attention and MLP targets optimised together, MLP-only update"))
+register(Method("alphaedit", AlphaEditHparams, compute_alphaedit, stateful=True, takes_targets=True,
+                description="MEMIT projected onto the null space of preserved keys (sequential editing)"))
 
 
 def get_method(name: str) -> Method:
@@ -56,6 +86,6 @@ def hparams_for(method: str, lm, overrides: dict[str, Any] | None = None, file: 
     return load_hparams(m.hparams_class, m.name, lm.name, lm.model_type, lm.adapter.n_layers, overrides, file)
 
 
-__all__ = ["METHODS", "Method", "EditOutcome", "Resources", "get_method", "hparams_for",
+__all__ = ["METHODS", "Method", "register", "names", "EditOutcome", "Resources", "get_method", "hparams_for",
            "RomeHparams", "MemitHparams", "PmetHparams", "AlphaEditHparams", "AlphaEditState", "compute_rome",
            "compute_memit", "compute_pmet", "compute_alphaedit"]

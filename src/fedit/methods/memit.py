@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -186,14 +185,7 @@ def with_vectors(lm, zs: torch.Tensor, diag: dict) -> dict:
 def to_weight_deltas(lm, deltas: dict[int, torch.Tensor], method: str, requests: list[EditRequest],
                      hp) -> WeightDeltas:
     """Per-layer [d_out, d_in] updates as :class:`WeightDeltas` in the parameters' stored layout."""
-    ad = lm.adapter
-    params = dict(lm.model.named_parameters())
-    out = {}
-    for l, d in deltas.items():
-        name = ad.w_out_param_name(l)
-        out[name] = ad.to_param_layout(d).to(params[name].dtype).cpu()
-    return WeightDeltas(deltas=out, method=method, model=lm.identity(), requests=[r.to_dict() for r in requests],
-                        hparams=dataclasses.asdict(hp))
+    return WeightDeltas.from_layers(lm, deltas, method, requests, hp)
 
 
 def block_residual(lm, zs: torch.Tensor, layer: int) -> Residual:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -84,7 +83,5 @@ def compute_rome(lm, requests: list[EditRequest], hp: RomeHparams, res: Resource
     finally:
         with torch.no_grad():
             param.copy_(original)
-    deltas = WeightDeltas(deltas={w_name: ad.to_param_layout(total).to(param.dtype).cpu()}, method="rome",
-                          model=lm.identity(), requests=[r.to_dict() for r in requests],
-                          hparams=dataclasses.asdict(hp))
+    deltas = WeightDeltas.from_layers(lm, {layer: total}, "rome", requests, hp)
     return EditOutcome(deltas=deltas, targets=targets, seconds=time.perf_counter() - t0, target_seconds=t_target)

@@ -22,7 +22,6 @@ the next layer takes 1/(|layers| − i − 1) of it).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Iterable
@@ -185,18 +184,11 @@ def compute_vectors(lm, requests: list[EditRequest], hp, res, zs: torch.Tensor |
 def deltas_from_stats(lm, stats: dict[int, LayerStats], hp, res, C1: dict[int, torch.Tensor] | None = None,
                       method: str = "memit", requests: list[dict] | None = None) -> WeightDeltas:
     """The weight deltas of the base-model MEMIT solve for the summed statistics ``stats``."""
-    ad = lm.adapter
     layers = sorted(stats)
     C = res.second_moments(lm, layers, hp.mom2_samples, hp.mom2_seq_len)
-    params = dict(lm.model.named_parameters())
-    out = {}
-    for l in layers:
-        name = ad.w_out_param_name(l)
-        d = delta_from_stats(stats[l], C[l].to(stats[l].KK.device), hp.mom2_update_weight,
-                             None if C1 is None else C1.get(l))
-        out[name] = ad.to_param_layout(d).to(params[name].dtype).cpu()
-    return WeightDeltas(deltas=out, method=method, model=lm.identity(), requests=requests or [],
-                        hparams=dataclasses.asdict(hp))
+    out = {l: delta_from_stats(stats[l], C[l].to(stats[l].KK.device), hp.mom2_update_weight,
+                               None if C1 is None else C1.get(l)) for l in layers}
+    return WeightDeltas.from_layers(lm, out, method, requests, hp)
 
 
 def compute_memit_base(lm, requests: list[EditRequest], hp, res, zs: torch.Tensor | None = None):
