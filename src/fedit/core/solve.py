@@ -1,12 +1,15 @@
 """The closed-form updates, in float64. Shapes are row-major: one row per request.
 
-Shared by ROME, MEMIT, PMET, AlphaEdit and the federated and merging code, which reuse
-``memit_delta`` and the sufficient statistics R Kᵀ and K Kᵀ.
+Shared by ROME, MEMIT, PMET, AlphaEdit and the federated and merging code: MEMIT's solve is
+written once (:func:`delta_from_sums`), for the per-fact vectors of one edit and for sums of
+many facts alike.
 """
 
 from __future__ import annotations
 
 import torch
+
+from fedit.core.layer_sums import LayerSums
 
 
 def rome_delta(C: torch.Tensor | None, k_avg: torch.Tensor, k: torch.Tensor, w_k: torch.Tensor,
@@ -24,19 +27,27 @@ def rome_delta(C: torch.Tensor | None, k_avg: torch.Tensor, k: torch.Tensor, w_k
     return torch.outer(v, u)
 
 
+def delta_from_sums(sums: LayerSums, C: torch.Tensor, lam: float, C1: torch.Tensor | None = None) -> torch.Tensor:
+    """MEMIT's closed form [d_out, d_in] in float64: Δ = RK (λC + C₁ + KK)⁻¹.
+
+    ``sums`` the facts' R Kᵀ and K Kᵀ, ``C`` [d_in, d_in] the second moment of the keys,
+    ``C1`` [d_in, d_in] an extra key covariance (earlier applied edits; None: zero). The
+    matrix is symmetric, so Δ = solve(A, RKᵀ)ᵀ.
+    """
+    A = lam * C.double() + sums.KK
+    if C1 is not None:
+        A = A + C1.double()
+    return torch.linalg.solve(A, sums.RK.T).T
+
+
 def memit_delta(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float,
                 KK_extra: torch.Tensor | None = None) -> torch.Tensor:
     """MEMIT's batch update [d_out, d_in]: Δ = Rᵀ K (λC + KᵀK + KK_extra)⁻¹.
 
-    ``K`` [n, d_in] keys, ``R`` [n, d_out] residuals, ``C`` [d_in, d_in] second moment.
-    Solved as solve(λC + KᵀK, Kᵀ) then multiplied, as the reference does.
+    ``K`` [n, d_in] keys, ``R`` [n, d_out] residuals, ``C`` [d_in, d_in] second moment: the
+    solve of their sums (:func:`delta_from_sums`).
     """
-    K64, R64 = K.double(), R.double()
-    A = lam * C.double() + K64.T @ K64
-    if KK_extra is not None:
-        A = A + KK_extra.double()
-    adj = torch.linalg.solve(A, K64.T)  # [d_in, n]
-    return R64.T @ adj.T
+    return delta_from_sums(LayerSums.of(K, R), C, lam, KK_extra)
 
 
 def null_space_projector(C: torch.Tensor, threshold: float = 2e-2) -> tuple[torch.Tensor, int]:

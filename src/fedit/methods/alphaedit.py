@@ -26,8 +26,9 @@ from fedit.core.solve import alphaedit_delta
 from fedit.core.tokens import validate_for_tokenizer
 from fedit.errors import FeditError, HparamsError
 from fedit.methods.base import EditOutcome, Resources
-from fedit.methods.memit import (MemitHparams, block_residual, spread_over_layers, targets_for,
+from fedit.methods.memit import (MemitHparams, block_residual, spread_over_layers,
                                  to_weight_deltas)
+from fedit.methods.targets import targets_for
 from fedit.requests import EditRequest
 
 

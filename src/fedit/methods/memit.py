@@ -11,14 +11,13 @@ import torch
 from fedit.core import activations
 from fedit.core.pullback import pull_back
 from fedit.core.solve import memit_delta
-from fedit.core.targets import TargetConfig, target_summaries
-from fedit.core.targets import compute_targets as compute_targets_batched
-from fedit.core.templates import flat
+from fedit.core.targets import TargetConfig
 from fedit.core.tokens import validate_for_tokenizer
 from fedit.deltas import WeightDeltas
 from fedit.errors import HparamsError
 from fedit.methods.base import EditOutcome, Resources
 from fedit.methods.hparams import autocast_for
+from fedit.methods.targets import targets_for
 from fedit.methods.vectors import EditVectors, compute_memit_base
 from fedit.requests import EditRequest
 
@@ -70,23 +69,6 @@ class MemitHparams:
                             clamp=self.clamp_norm_factor, kl_factor=self.kl_factor,
                             weight_decay=self.v_weight_decay, nll_stop=self.nll_stop,
                             autocast=autocast_for(self.target_precision))
-
-
-def compute_targets(lm, requests: list[EditRequest], hp: MemitHparams, templates: list[str], cache=None):
-    """The target of each request at the site ``hp.target_config()`` names (MEMIT, AlphaEdit:
-    block L's output; PMET: W_out's output with the attention target beside it).
-
-    z for each request at the last edited layer's output (the MKVs of FLEKE)."""
-    return compute_targets_batched(lm, requests, templates, hp.target_config(), batch_size=hp.v_batch_size,
-                                   cache=cache)
-
-
-def targets_for(lm, requests: list[EditRequest], hp: MemitHparams, groups: list[list[str]], cache=None):
-    """Optimised z of ``requests`` with a report per request: (zs [n, d], reports, seconds).
-
-    ``cache``: a target cache (``Resources.target_store()``) to take known targets from."""
-    results = compute_targets(lm, requests, hp, flat(groups), cache=cache)
-    return torch.stack([r.z for r in results]), target_summaries(requests, results), sum(r.seconds for r in results)
 
 
 @dataclass

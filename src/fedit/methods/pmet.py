@@ -29,10 +29,10 @@ from fedit.methods.memit import (
     MemitHparams,
     Residual,
     spread_over_layers,
-    targets_for,
     to_weight_deltas,
     with_vectors,
 )
+from fedit.methods.targets import targets_for
 from fedit.requests import EditRequest
 
 

@@ -1,4 +1,4 @@
-"""MEMIT in its base-model form: per-fact edit vectors and their sufficient statistics.
+"""MEMIT in its base-model form: per-fact edit vectors and their layer sums (R Kᵀ, K Kᵀ).
 
 Layer-by-layer MEMIT (``memit.compute_memit``) measures each layer's keys and residual on the
 model as edited by the layers below, so it needs the requests' text at every step. In the
@@ -8,7 +8,7 @@ base-model form every quantity comes from the one shared base model:
     k_l        the key at layer l (input of W_out at the subject's last token)
     r_l        the change of W_out's output at layer l that moves h_L by (z − h_L) / |layers|
 
-and every layer is solved at once from the sufficient statistics
+and every layer is solved at once from the layer sums
 
     Δ_l = (Σ r_l k_lᵀ) (λ C_l + C₁ + Σ k_l k_lᵀ)⁻¹
 
@@ -29,10 +29,14 @@ from typing import Iterable
 import torch
 
 from fedit.core import activations
+from fedit.core.layer_sums import LayerSums
 from fedit.core.pullback import pull_back
+from fedit.core.solve import delta_from_sums
 from fedit.core.tokens import validate_for_tokenizer
 from fedit.deltas import WeightDeltas
 from fedit.errors import FeditError
+from fedit.methods.base import EditOutcome
+from fedit.methods.targets import targets_for
 from fedit.requests import EditRequest
 
 
@@ -110,32 +114,9 @@ class EditVectors:
                            {l: stack(f"resid.{l}") for l in layers}, base)
 
 
-@dataclass
-class LayerStats:
-    """Sufficient statistics of a set of facts at one layer (float64)."""
-
-    RK: torch.Tensor  # Σ r kᵀ  [d_out, d_in]
-    KK: torch.Tensor  # Σ k kᵀ  [d_in, d_in]
-    n: int
-
-    def __add__(self, other: "LayerStats") -> "LayerStats":
-        return LayerStats(self.RK + other.RK, self.KK + other.KK, self.n + other.n)
-
-
-def sufficient_stats(vectors: EditVectors) -> dict[int, LayerStats]:
-    out = {}
-    for l in vectors.layers:
-        K, R = vectors.keys[l].double(), vectors.resids[l].double()
-        out[l] = LayerStats(RK=R.T @ K, KK=K.T @ K, n=len(vectors))
-    return out
-
-
-def delta_from_stats(st: LayerStats, C: torch.Tensor, lam: float, C1: torch.Tensor | None = None) -> torch.Tensor:
-    """Δ = RK (λC + C₁ + KK)⁻¹ [d_out, d_in] in float64 (A is symmetric: Δ = solve(A, RKᵀ)ᵀ)."""
-    A = lam * C.double() + st.KK
-    if C1 is not None:
-        A = A + C1.double()
-    return torch.linalg.solve(A, st.RK.T).T
+def layer_sums(vectors: EditVectors) -> dict[int, LayerSums]:
+    """R Kᵀ and K Kᵀ of ``vectors`` at each of their layers (float64)."""
+    return {l: LayerSums.of(vectors.keys[l], vectors.resids[l]) for l in vectors.layers}
 
 
 def check_finite(vectors: EditVectors, what: str = "edit vectors") -> None:
@@ -170,8 +151,6 @@ def compute_vectors(lm, requests: list[EditRequest], hp, res, zs: torch.Tensor |
 
     Returns (vectors, per-request target reports, seconds spent optimising targets).
     """
-    from fedit.methods.memit import targets_for  # late: memit imports this module
-
     validate_for_tokenizer(lm.tokenizer, requests)
     groups = res.templates(lm, hp.context_template_length_params)
     reports, t_target = [], 0.0
@@ -181,22 +160,27 @@ def compute_vectors(lm, requests: list[EditRequest], hp, res, zs: torch.Tensor |
     return vectors, reports, t_target
 
 
-def deltas_from_stats(lm, stats: dict[int, LayerStats], hp, res, C1: dict[int, torch.Tensor] | None = None,
-                      method: str = "memit", requests: list[dict] | None = None) -> WeightDeltas:
-    """The weight deltas of the base-model MEMIT solve for the summed statistics ``stats``."""
-    layers = sorted(stats)
+def deltas_from_sums(lm, sums: dict[int, LayerSums], hp, res, C1: dict[int, torch.Tensor] | None = None,
+                     method: str = "memit", requests: list[dict] | None = None) -> WeightDeltas:
+    """The weight deltas of the base-model MEMIT solve for the summed ``sums`` of each layer."""
+    layers = sorted(sums)
     C = res.second_moments(lm, layers, hp.mom2_samples, hp.mom2_seq_len)
-    out = {l: delta_from_stats(stats[l], C[l].to(stats[l].KK.device), hp.mom2_update_weight,
-                               None if C1 is None else C1.get(l)) for l in layers}
+    out = {l: delta_from_sums(sums[l], C[l].to(sums[l].KK.device), hp.mom2_update_weight,
+                              None if C1 is None else C1.get(l)) for l in layers}
     return WeightDeltas.from_layers(lm, out, method, requests, hp)
 
 
 def compute_memit_base(lm, requests: list[EditRequest], hp, res, zs: torch.Tensor | None = None):
     """MEMIT with every key and residual taken from the unedited model (CollabEdit's form)."""
-    from fedit.methods.base import EditOutcome
-
     t0 = time.perf_counter()
     vectors, reports, t_target = compute_vectors(lm, requests, hp, res, zs)
-    wd = deltas_from_stats(lm, sufficient_stats(vectors), hp, res, requests=[r.to_dict() for r in requests])
+    wd = deltas_from_sums(lm, layer_sums(vectors), hp, res, requests=[r.to_dict() for r in requests])
     return EditOutcome(deltas=wd, targets=reports, seconds=time.perf_counter() - t0, target_seconds=t_target,
                        diagnostics={"form": "base", "vectors": vectors})
+
+
+# Old names, kept while federation/ and collab/ still import them from here.
+LayerStats = LayerSums
+sufficient_stats = layer_sums
+delta_from_stats = delta_from_sums
+deltas_from_stats = deltas_from_sums
