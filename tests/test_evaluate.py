@@ -294,3 +294,35 @@ def test_resume_refuses_a_hyperparameter_file_changed_since_the_checkpoint(tmp_p
     hp.write_text(json.dumps({**FAST, "layers": [1, 2]}))  # back as it was: the run goes on
     rep = evaluate(tiny_model("gpt2"), records, cfg, hparams_file=hp, resources=res, checkpoint_dir=ck, resume=True)
     assert rep["resumed_after_batch"] == 1
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_failure_mid_evaluation_leaves_the_weights_bit_identical(sequential, tiny_cache, tmp_path, monkeypatch):
+    import fedit.evaluate.runner as runner
+
+    lm = tiny_model("gpt2")
+    w0 = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    real, calls = runner.measure, []
+    # measures: the unedited model, then (one at a time) after batch 1; (sequential) after batch 1, after batch 2
+    fail_at = [3 if sequential else 2]
+
+    def failing(lm_, recs, **kw):
+        calls.append(len(recs))
+        if len(calls) == fail_at[0]:
+            assert any(not torch.equal(p, w0[n]) for n, p in lm_.model.named_parameters())  # an edit is on
+            raise RuntimeError("injected")
+        return real(lm_, recs, **kw)
+
+    monkeypatch.setattr(runner, "measure", failing)
+    cfg = EvalConfig(method="memit", batch_size=2, sequential=sequential, fluency_records=0)
+    run = dict(overrides=STRONG, resources=resources(tiny_cache))
+    ck = tmp_path / "checkpoint" if sequential else None
+    with pytest.raises(RuntimeError, match="injected"):
+        evaluate(lm, _records(), cfg, checkpoint_dir=ck, **run)
+    assert all(torch.equal(p, w0[n]) for n, p in lm.model.named_parameters())
+    if sequential:  # resumed from the checkpoint of both batches, failing in the final measure
+        calls.clear()
+        fail_at[0] = 1
+        with pytest.raises(RuntimeError, match="injected"):
+            evaluate(lm, _records(), cfg, checkpoint_dir=ck, resume=True, **run)
+        assert all(torch.equal(p, w0[n]) for n, p in lm.model.named_parameters())

@@ -154,10 +154,13 @@ class WeightDeltas:
 
 @dataclass
 class AppliedEdit:
-    """Handle to an applied edit; ``revert`` puts back the exact original tensors."""
+    """Handle to an applied edit; ``revert`` puts back the exact original tensors.
+
+    Also a context manager (``with deltas.apply(model):`` or ``ExitStack.enter_context``):
+    leaving the block reverts, however it ends."""
 
     model: torch.nn.Module
-    deltas: WeightDeltas
+    deltas: WeightDeltas | None  # None: weights set by value (:func:`assign_weights`)
     originals: dict[str, torch.Tensor]
     reverted: bool = False
 
@@ -169,6 +172,28 @@ class AppliedEdit:
             for n, o in self.originals.items():
                 params[n].copy_(o)
         self.reverted = True
+
+    def __enter__(self) -> "AppliedEdit":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.revert()
+
+
+def assign_weights(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> AppliedEdit:
+    """Set the named parameters of ``model`` to ``values`` exactly (e.g. a checkpoint's edited
+    weights, which a delta added in float32 would not always reproduce bit for bit); the
+    returned handle reverts bit-identically."""
+    params = dict(model.named_parameters())
+    wrong = [n for n, w in values.items() if n not in params or tuple(params[n].shape) != tuple(w.shape)]
+    if wrong:  # checked before anything is written
+        raise DeltaFileError(f"the model has no parameter(s) {wrong} of the saved shapes.",
+                             "use the model these weights were saved from.")
+    originals = {n: params[n].detach().clone() for n in values}
+    with torch.no_grad():
+        for n, w in values.items():
+            params[n].copy_(w.to(device=params[n].device, dtype=params[n].dtype))
+    return AppliedEdit(model=model, deltas=None, originals=originals)
 
 
 def revert_file_edit(model: torch.nn.Module, deltas: WeightDeltas, force: bool = False) -> None:

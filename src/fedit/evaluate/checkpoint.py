@@ -16,7 +16,6 @@ is either the previous one or the new one, never a mix.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from dataclasses import fields, is_dataclass
@@ -28,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedit.errors import FeditError
+from fedit.methods import get_method
 
 VERSION = 1
 
@@ -52,24 +52,34 @@ def _atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
 def _state_to_file(state) -> dict[str, Any] | None:
     if state is None:
         return None
     if not is_dataclass(state):
         raise CheckpointError(f"cannot checkpoint a method state of type {type(state).__name__}.",
                               "run without --sequential checkpoints or give the state a dataclass form.")
-    out: dict[str, Any] = {"class": f"{type(state).__module__}:{type(state).__qualname__}"}
+    out: dict[str, Any] = {"class": _class_path(type(state))}
     for f in fields(state):
         v = getattr(state, f.name)
         out[f.name] = {str(k): t.detach().cpu() for k, t in v.items()} if isinstance(v, dict) else v
     return out
 
 
-def _state_from_file(data: dict[str, Any] | None):
+def _state_from_file(data: dict[str, Any] | None, method: str):
+    """The state saved by :func:`_state_to_file`, rebuilt as the class ``method`` registers."""
     if data is None:
         return None
-    module, _, name = data.pop("class").partition(":")
-    cls = getattr(importlib.import_module(module), name)
+    cls = get_method(method).state_class
+    saved = data.pop("class")
+    if cls is None or _class_path(cls) != saved:
+        raise CheckpointError(f"the checkpoint holds a method state of {saved}; method {method!r} registers "
+                              f"{'no state class' if cls is None else _class_path(cls)}.",
+                              "resume with the version of fedit that wrote the checkpoint, or start again "
+                              "in another --out folder.")
     kwargs = {}
     for f in fields(cls):
         v = data.get(f.name)
@@ -132,7 +142,7 @@ class Checkpoint:
         doc = self.progress()
         try:
             weights = load_file(str(self.dir / "weights.safetensors"))
-            state = _state_from_file(torch.load(self.dir / "state.pt", weights_only=True))
+            saved_state = torch.load(self.dir / "state.pt", weights_only=True)
         except (OSError, ValueError, KeyError, SafetensorError, RuntimeError) as e:
             raise self._damaged(e) from e
         if doc.get("signature") != self.sig:
@@ -147,4 +157,4 @@ class Checkpoint:
                                   f"(differs in {diff}; was the data file changed since?).",
                                   "resume with the hyperparameters of the checkpoint (--hparams FILE with "
                                   "its values), or start again in another --out folder.")
-        return weights, state, doc
+        return weights, _state_from_file(saved_state, self.sig["method"]), doc

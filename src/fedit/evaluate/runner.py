@@ -13,7 +13,9 @@ import logging
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from statistics import mean
 from typing import Any, Callable
@@ -24,7 +26,7 @@ from fedit.api import edit
 from fedit.core.probe import teacher_forced
 from fedit.core.tokens import pad_id
 from fedit.data.records import EvalRecord
-from fedit.deltas import AppliedEdit
+from fedit.deltas import WeightDeltas, assign_weights
 from fedit.evaluate import metrics as M
 from fedit.evaluate.checkpoint import Checkpoint, CheckpointError, signature
 
@@ -167,6 +169,40 @@ def _peak_rss_mb() -> float:
     return kb / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
+@dataclass
+class _Run:
+    """What a run has done so far; a sequential run's checkpoint keeps it (``progress.json``)."""
+
+    raw_pre: list[dict]  # the unedited model's raw measurements, per record
+    gen_pre: dict[int, str]  # and its generations, by record index
+    pre_cached: bool = False  # raw_pre/gen_pre came from the pre-cache
+    resumed_after: int = 0  # batches a checkpoint had done before this session
+    batches_done: int = 0
+    per_batch: list[dict[str, Any]] = field(default_factory=list)  # the curve (sequential)
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)  # per batch: what the layer loop did
+    done: list[int] = field(default_factory=list)  # records edited so far (sequential)
+    edit_seconds: float = 0.0
+    target_seconds: float = 0.0
+    from_cache: int = 0  # targets taken from the target cache
+    state: Any = None  # a stateful method's state, carried between sequential batches
+    touched: set[str] = field(default_factory=set)  # parameters the edits so far changed
+
+    @classmethod
+    def resumed(cls, doc: dict[str, Any], state, touched: set[str]) -> "_Run":
+        return cls(raw_pre=doc["raw_pre"], gen_pre=doc["gen_pre"], resumed_after=doc["batches_done"],
+                   batches_done=doc["batches_done"], per_batch=doc["per_batch"],
+                   diagnostics=doc.get("diagnostics", []), done=doc["done"], edit_seconds=doc["edit_seconds"],
+                   target_seconds=doc["target_seconds"], from_cache=doc["from_cache"], state=state,
+                   touched=touched)
+
+    def progress(self, model_name: str) -> dict[str, Any]:
+        """The progress document of a checkpoint."""
+        return {"batches_done": self.batches_done, "per_batch": self.per_batch, "diagnostics": self.diagnostics,
+                "done": self.done, "edit_seconds": self.edit_seconds, "target_seconds": self.target_seconds,
+                "from_cache": self.from_cache, "raw_pre": self.raw_pre, "gen_pre": self.gen_pre,
+                "model_name": model_name}
+
+
 def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | None = None,
              hparams_file=None, resources=None, progress: Callable[[int], None] | None = None,
              checkpoint_dir=None, resume: bool = False, pre_cache=None) -> dict[str, Any]:
@@ -177,102 +213,134 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
     (same records, method, batch size, model and overrides), and without it an existing
     checkpoint is refused rather than overwritten. With a ``pre_cache`` folder the unedited
     model's measurements are taken from there when the same weights already measured the same
-    probes (:mod:`fedit.evaluate.pre_cache`), and kept there otherwise.
+    probes (:mod:`fedit.evaluate.pre_cache`), and kept there otherwise. The model's weights are
+    the same at the end as at the start, also when the run fails or is stopped.
     """
     t0 = time.perf_counter()
-    ckpt = None
-    if cfg.sequential and checkpoint_dir is not None:
-        ckpt = Checkpoint(checkpoint_dir, signature(lm, records, cfg, overrides, hparams_file),
-                          hparams=_resolved_hparams(cfg.method, lm, overrides, hparams_file))
-        if ckpt.exists() and not resume:
-            raise CheckpointError(f"{ckpt.dir} holds the checkpoint of an earlier run.",
-                                  "pass --resume to continue it, or use another --out folder.")
+    ckpt = _open_checkpoint(lm, records, cfg, overrides, hparams_file, checkpoint_dir, resume)
     flu_idx = _fluency_subset(records, cfg)
-    gen_post: dict[int, str] = {}
     B = cfg.batch_size or len(records)
     batches = [list(range(s, min(s + B, len(records)))) for s in range(0, len(records), B)]
-    raw_post: list[dict | None] = [None] * len(records)
-    edit_seconds, target_seconds, applied, from_cache = 0.0, 0.0, [], 0
+    edit_batch = partial(_edit_batch, lm, records, cfg, overrides=overrides, hparams_file=hparams_file,
+                         resources=resources)
     if torch.cuda.is_available() and lm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(lm.device)
-    state = None  # carried between batches only when they accumulate (AlphaEdit)
-    per_batch: list[dict[str, Any]] = []
-    diagnostics: list[dict[str, Any]] = []  # per batch: what the layer loop did (edit_diagnostics)
-    done: list[int] = []
-    start, touched, pre_cached = 0, set(), False
-    if ckpt is not None and resume and ckpt.exists():
-        weights, state, doc = ckpt.load()
-        params = dict(lm.model.named_parameters())
-        originals = {n: params[n].detach().clone() for n in weights}
-        with torch.no_grad():
-            for n, w in weights.items():
-                params[n].copy_(w.to(device=params[n].device, dtype=params[n].dtype))
-        applied.append(AppliedEdit(model=lm.model, deltas=None, originals=originals))
-        touched = set(weights)
-        start, per_batch, done = doc["batches_done"], doc["per_batch"], doc["done"]
-        diagnostics = doc.get("diagnostics", [])
-        edit_seconds, target_seconds, from_cache = doc["edit_seconds"], doc["target_seconds"], doc["from_cache"]
-        raw_pre, gen_pre = doc["raw_pre"], doc["gen_pre"]
-        log.info("resuming from %s after batch %d of %d", ckpt.dir, start, len(batches))
-        if progress:
-            progress(len(done))
-    else:
-        raw_pre, gen_pre, pre_cached = measure_unedited(lm, records, flu_idx, cfg, pre_cache)
-    for bi, b in enumerate(batches):
-        if bi < start:
-            continue
-        res = edit(lm, [records[i].request for i in b], method=cfg.method, overrides=overrides,
-                   hparams_file=hparams_file, resources=resources, state=state if cfg.sequential else None)
-        state = res.outcome.state
-        edit_seconds += res.outcome.seconds
-        target_seconds += res.outcome.target_seconds
-        from_cache += sum(bool(t.get("cached")) for t in res.outcome.targets)
-        if (d := edit_diagnostics(res.outcome.diagnostics)) is not None:
-            diagnostics.append({"batch": bi + 1, **d})
+    with ExitStack() as edits:  # every edit of the run is reverted when it leaves, however it ends
+        run = _begin(lm, records, cfg, flu_idx, ckpt if resume else None, pre_cache, edits)
+        if run.resumed_after:
+            log.info("resuming from %s after batch %d of %d", ckpt.dir, run.resumed_after, len(batches))
+            if progress:
+                progress(len(run.done))
         if cfg.sequential:
-            applied.append(res.applied)
-            done.extend(b)
-            if cfg.track_batches and len(batches) > 1 and bi < len(batches) - 1:  # the last: the final measure
-                per_batch.append(_checkpoint(lm, records, done, raw_pre, flu_idx, cfg, bi + 1, edit_seconds,
-                                             [len(x) for x in batches[:bi + 1]]))
-            touched |= set(res.applied.originals)
-            if ckpt is not None:
-                ckpt.save(lm.model, touched, state, {
-                    "batches_done": bi + 1, "per_batch": per_batch, "diagnostics": diagnostics,
-                    "done": done, "edit_seconds": edit_seconds,
-                    "target_seconds": target_seconds, "from_cache": from_cache, "raw_pre": raw_pre,
-                    "gen_pre": gen_pre, "model_name": lm.name})
+            raw_post, gen_post = _edit_in_sequence(lm, records, cfg, batches, run, edit_batch, edits, flu_idx,
+                                                   ckpt, progress)
         else:
+            raw_post, gen_post = _edit_one_batch_at_a_time(lm, records, cfg, batches, run, edit_batch, flu_idx,
+                                                           progress)
+    return _report(lm, records, cfg, run, raw_post, gen_post, flu_idx, [len(b) for b in batches],
+                   time.perf_counter() - t0)
+
+
+def _open_checkpoint(lm, records, cfg: EvalConfig, overrides, hparams_file, folder, resume: bool) -> Checkpoint | None:
+    """The checkpoint of a sequential run with a folder (None otherwise); refuses to overwrite one
+    unless resuming."""
+    if not cfg.sequential or folder is None:
+        return None
+    ckpt = Checkpoint(folder, signature(lm, records, cfg, overrides, hparams_file),
+                      hparams=_resolved_hparams(cfg.method, lm, overrides, hparams_file))
+    if ckpt.exists() and not resume:
+        raise CheckpointError(f"{ckpt.dir} holds the checkpoint of an earlier run.",
+                              "pass --resume to continue it, or use another --out folder.")
+    return ckpt
+
+
+def _begin(lm, records: list[EvalRecord], cfg: EvalConfig, flu_idx: list[int], ckpt: Checkpoint | None,
+           pre_cache, edits: ExitStack) -> _Run:
+    """A fresh run (the unedited model measured) or, from an existing checkpoint, the run it
+    holds with its weights set on the model (reverted when ``edits`` closes)."""
+    if ckpt is not None and ckpt.exists():
+        weights, state, doc = ckpt.load()
+        edits.enter_context(assign_weights(lm.model, weights))
+        return _Run.resumed(doc, state, set(weights))
+    raw_pre, gen_pre, pre_cached = measure_unedited(lm, records, flu_idx, cfg, pre_cache)
+    return _Run(raw_pre, gen_pre, pre_cached=pre_cached)
+
+
+def _edit_batch(lm, records: list[EvalRecord], cfg: EvalConfig, batch: list[int], number: int, run: _Run,
+                **edit_kw) -> WeightDeltas:
+    """Compute (not apply) the edit of the records ``batch`` on the model as it is, batch
+    ``number`` (from 1); adds its timings, state and diagnostics to ``run``."""
+    out = edit(lm, [records[i].request for i in batch], method=cfg.method, apply=False,
+               state=run.state if cfg.sequential else None, **edit_kw).outcome
+    run.state = out.state
+    run.edit_seconds += out.seconds
+    run.target_seconds += out.target_seconds
+    run.from_cache += sum(bool(t.get("cached")) for t in out.targets)
+    if (d := edit_diagnostics(out.diagnostics)) is not None:
+        run.diagnostics.append({"batch": number, **d})
+    return out.deltas
+
+
+def _edit_one_batch_at_a_time(lm, records: list[EvalRecord], cfg: EvalConfig, batches: list[list[int]], run: _Run,
+                              edit_batch, flu_idx: list[int], progress) -> tuple[list[dict], dict[int, str]]:
+    """Each batch edited on the unedited model, its records measured, the batch reverted.
+    Returns the raw measurements and generations after the edits."""
+    raw_post: list[dict | None] = [None] * len(records)
+    gen_post: dict[int, str] = {}
+    for bi, b in enumerate(batches):
+        with edit_batch(b, bi + 1, run).applied(lm.model):
             for i, r in zip(b, measure(lm, [records[i] for i in b])):
                 raw_post[i] = r
             gen_post.update(_generate_for(lm, records, [i for i in b if i in flu_idx], cfg))
-            res.applied.revert()
         if progress:
             progress(len(b))
-    if cfg.sequential:
-        raw_post = measure(lm, records)
-        gen_post = _generate_for(lm, records, flu_idx, cfg)
-        for a in reversed(applied):
-            a.revert()
-    per_pre, pre = _unedited(raw_pre, gen_pre, cfg.dataset)
-    per_post = [record_metrics(r, p, cfg.dataset) for r, p in zip(raw_post, raw_pre)]
+    return raw_post, gen_post
+
+
+def _edit_in_sequence(lm, records: list[EvalRecord], cfg: EvalConfig, batches: list[list[int]], run: _Run,
+                      edit_batch, edits: ExitStack, flu_idx: list[int], ckpt: Checkpoint | None,
+                      progress) -> tuple[list[dict], dict[int, str]]:
+    """The batches not done yet, each edited on the model as the ones before left it and kept
+    (until ``edits`` closes); the curve point and the checkpoint after each. Returns the raw
+    measurements and generations of every record on the final model."""
+    for bi in range(run.batches_done, len(batches)):
+        b = batches[bi]
+        touched = edits.enter_context(edit_batch(b, bi + 1, run).applied(lm.model)).originals
+        run.done.extend(b)
+        run.touched |= set(touched)
+        run.batches_done = bi + 1
+        if cfg.track_batches and len(batches) > 1 and bi < len(batches) - 1:  # the last: the final measure
+            run.per_batch.append(_measure_so_far(lm, records, run.done, run.raw_pre, flu_idx, cfg, bi + 1,
+                                                 run.edit_seconds, [len(x) for x in batches[:bi + 1]]))
+        if ckpt is not None:
+            ckpt.save(lm.model, run.touched, run.state, run.progress(lm.name))
+        if progress:
+            progress(len(b))
+    return measure(lm, records), _generate_for(lm, records, flu_idx, cfg)
+
+
+def _report(lm, records: list[EvalRecord], cfg: EvalConfig, run: _Run, raw_post: list[dict],
+            gen_post: dict[int, str], flu_idx: list[int], sizes: list[int], seconds: float) -> dict[str, Any]:
+    """The report of a finished run (``sizes``: the batches' sizes; ``seconds``: the whole run)."""
+    per_pre, pre = _unedited(run.raw_pre, run.gen_pre, cfg.dataset)
+    per_post = [record_metrics(r, p, cfg.dataset) for r, p in zip(raw_post, run.raw_pre)]
     post = aggregate(per_post)
     if flu_idx:
         post["fluency"] = M.fluency(gen_post.values())
+    per_batch = run.per_batch
     if per_batch:
-        per_batch.insert(0, _first_row(pre))
-        per_batch.append({"batch": len(batches), "edits": len(records), "edit_seconds": round(edit_seconds, 3),
-                          "metrics": {k: v for k, v in post.items() if k in _TRACKED},
-                          "by_origin": by_origin(per_post, [len(b) for b in batches])})
+        per_batch = [_first_row(pre), *per_batch,
+                     {"batch": len(sizes), "edits": len(records), "edit_seconds": round(run.edit_seconds, 3),
+                      "metrics": {k: v for k, v in post.items() if k in _TRACKED}, "by_origin": by_origin(per_post, sizes)}]
+    n, es = len(records), run.edit_seconds
     report = {
-        "method": cfg.method, "dataset": cfg.dataset, "model": lm.name, "n": len(records),
-        "batch_size": B, "sequential": cfg.sequential, "config": asdict(cfg),
-        "seconds": round(time.perf_counter() - t0, 3), "edit_seconds": round(edit_seconds, 3),
-        "seconds_per_edit": round(edit_seconds / max(1, len(records)), 4),
-        "target_seconds_share": round(target_seconds / edit_seconds, 4) if edit_seconds else None,
-        "targets_from_cache": from_cache,  # their optimisation time is not in edit_seconds
-        "pre_from_cache": pre_cached,  # the unedited model's measurements were reused
-        "resumed_after_batch": start or None,
+        "method": cfg.method, "dataset": cfg.dataset, "model": lm.name, "n": n,
+        "batch_size": cfg.batch_size or n, "sequential": cfg.sequential, "config": asdict(cfg),
+        "seconds": round(seconds, 3), "edit_seconds": round(es, 3), "seconds_per_edit": round(es / max(1, n), 4),
+        "target_seconds_share": round(run.target_seconds / es, 4) if es else None,
+        "targets_from_cache": run.from_cache,  # their optimisation time is not in edit_seconds
+        "pre_from_cache": run.pre_cached,  # the unedited model's measurements were reused
+        "resumed_after_batch": run.resumed_after or None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "peak_cuda_mb": (round(torch.cuda.max_memory_allocated(lm.device) / 2**20, 1)
                          if lm.device.type == "cuda" else None),
@@ -282,12 +350,12 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
         "consistency": "unavailable: needs idf.npy, tfidf_vocab.json and attribute snippets (not shipped)",
         "per_record": [{"case_id": r.case_id, "pre": a, "post": b} for r, a, b in zip(records, per_pre, per_post)],
         "generations": [{"case_id": records[i].case_id, "prompt": records[i].generation_prompts[0],
-                         "pre": gen_pre[i], "post": gen_post.get(i)} for i in flu_idx],
+                         "pre": run.gen_pre[i], "post": gen_post.get(i)} for i in flu_idx],
     }
     if per_batch:
         report["per_batch"] = per_batch
-    if diagnostics:
-        report["edit_diagnostics"] = diagnostics
+    if run.diagnostics:
+        report["edit_diagnostics"] = run.diagnostics
     return report
 
 
@@ -371,8 +439,8 @@ _TRACKED = ("efficacy_success", "paraphrase_success", "neighborhood_success", "s
             "paraphrase_acc", "specificity_acc", "neighborhood_acc", "locality")
 
 
-def _checkpoint(lm, records: list[EvalRecord], done: list[int], raw_pre: list[dict], flu_idx: list[int],
-                cfg: EvalConfig, batch: int, edit_seconds: float, sizes: list[int]) -> dict[str, Any]:
+def _measure_so_far(lm, records: list[EvalRecord], done: list[int], raw_pre: list[dict], flu_idx: list[int],
+                     cfg: EvalConfig, batch: int, edit_seconds: float, sizes: list[int]) -> dict[str, Any]:
     """Metrics of the records edited so far, and fluency, on the model as it is after ``batch``;
     ``by_origin`` splits them by the batch each record was edited in (``sizes``: the batches' sizes)."""
     raw = measure(lm, [records[i] for i in done])

@@ -27,6 +27,8 @@ class Method:
     hparams_class: type
     compute: Callable[..., EditOutcome]
     stateful: bool = False  # takes state= and returns EditOutcome.state (sequential editing)
+    # a stateful method's state dataclass (tensors in dict fields): checkpoints rebuild it from here
+    state_class: type | None = None
     family: str = "locate-then-edit"  # or "fine-tuning", "memory-based", "meta-learning", "in-context"
     # Its update is MEMIT's solve of per-fact vectors (z, keys, residuals): the vectors can be
     # shared instead of requests (FedEdit's private MKVs) and summed (CollabEdit).
@@ -69,7 +71,8 @@ register(Method("memit", MemitHparams, compute_memit, private_mkvs=True, takes_t
                 description="many facts at once, spread over several MLP layers"))
 register(Method("pmet", PmetHparams, compute_pmet, private_mkvs=True, takes_targets=True,
                 description="MEMIT with attention and MLP targets optimised together, MLP-only update"))
-register(Method("alphaedit", AlphaEditHparams, compute_alphaedit, stateful=True, takes_targets=True,
+register(Method("alphaedit", AlphaEditHparams, compute_alphaedit, stateful=True, state_class=AlphaEditState,
+                takes_targets=True,
                 description="MEMIT projected onto the null space of preserved keys (sequential editing)"))
 
 
