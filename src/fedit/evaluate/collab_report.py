@@ -33,28 +33,36 @@ def _eff(report) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: the final table, round by round, per client, duplicates and
+    conflicts, time, secure aggregation."""
     keys = _keys(report)
-    eff = keys[0][0]
-    style = "success rate" if eff == "efficacy_success" else "token accuracy"
+    lines = (_md_header(report, keys) + _md_final(report, keys) + _md_rounds(report, keys) + _md_clients(report, keys)
+             + _md_resolution(report) + _md_time(report))
+    lines.append(f"Total time: {report.get('seconds', 0):.1f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def _md_header(report: dict[str, Any], keys) -> list[str]:
+    style = "success rate" if keys[0][0] == "efficacy_success" else "token accuracy"
     runs = report["runs"]
-    R = report["rounds"]
-    n_clients = len(report["clients"])
-    res = report.get("resolution", [])
     vanished = sum(r["vanished"] for run in list(runs.values())[:1] for r in run["rounds"])
     engine = report.get("engine", "local") + (" with SecAgg+" if report.get("secagg") else "")
-    lines = [f"# Collaborative editing on {report.get('dataset', '?')} ({report.get('model', '?')})", "",
-             f"{n_clients} clients × {report.get('per_client', '?')} facts × {R} round(s); engine: {engine}; "
-             f"merges: {', '.join(report['merges'])}; "
-             f"conflict policy: {report.get('config', {}).get('conflict_policy', '?')}.",
-             f"Duplicates counted once: **{report['duplicates_total']}**; conflicts: **{report['conflicts_total']}** "
-             f"({report['rejected_total']} facts not edited); already said by the model (vanished residual): {vanished}.",
-             "", f"Numbers are percentages ({style}, CounterFact-style metrics of `fedit eval`), "
-             "over the facts applied so far.", ""]
-    ref = (report.get("reference") or {}).get("rounds", [])
-    # Final table.
-    lines += [f"## After round {R}", "",
-              "| merge | " + " | ".join(k[1] for k in keys) + " | facts | Δ vs global MEMIT (max rel.) |",
-              "|---|" + "---|" * (len(keys) + 2)]
+    return [f"# Collaborative editing on {report.get('dataset', '?')} ({report.get('model', '?')})", "",
+            f"{len(report['clients'])} clients × {report.get('per_client', '?')} facts × {report['rounds']} round(s); "
+            f"engine: {engine}; merges: {', '.join(report['merges'])}; "
+            f"conflict policy: {report.get('config', {}).get('conflict_policy', '?')}.",
+            f"Duplicates counted once: **{report['duplicates_total']}**; conflicts: **{report['conflicts_total']}** "
+            f"({report['rejected_total']} facts not edited); already said by the model (vanished residual): {vanished}.",
+            "", f"Numbers are percentages ({style}, CounterFact-style metrics of `fedit eval`), "
+            "over the facts applied so far.", ""]
+
+
+def _md_final(report: dict[str, Any], keys) -> list[str]:
+    """The table after the last round: each merge, the global MEMIT references, the unedited model."""
+    runs, ref = report["runs"], (report.get("reference") or {}).get("rounds", [])
+    lines = [f"## After round {report['rounds']}", "",
+             "| merge | " + " | ".join(k[1] for k in keys) + " | facts | Δ vs global MEMIT (max rel.) |",
+             "|---|" + "---|" * (len(keys) + 2)]
     for m, run in runs.items():
         last = run["rounds"][-1] if run["rounds"] else {"metrics": {}}
         mt = last["metrics"]
@@ -71,36 +79,47 @@ def markdown(report: dict[str, Any]) -> str:
     if first and first[-1].get("metrics_pre"):
         pre = first[-1]["metrics_pre"]
         lines.append("| unedited model | " + " | ".join(_pct(pre.get(k)) for k, _ in keys) + f" | {pre.get('n', 0)} | |")
-    lines.append("")
-    # Round by round.
-    if R > 1:
-        lines += [f"## Round by round: {keys[0][1]} of each round's facts after every round", ""]
-        for m, run in runs.items():
-            lines += [f"**{m}**", "",
-                      "| after round | " + " | ".join(f"facts of round {s}" for s in range(1, R + 1)) + " | all |",
-                      "|---|" + "---|" * (R + 1)]
-            for r in run["rounds"]:
-                cells = [_pct(r["by_round"].get(str(s), {}).get(eff)) if s <= r["round"] else "" for s in range(1, R + 1)]
-                lines.append(f"| {r['round']} | " + " | ".join(cells) + f" | {_pct(r['metrics'].get(eff))} |")
-            lines.append("")
-        if ref:
-            lines += ["**global MEMIT (all facts of rounds ≤ t at once, base form)**", "",
-                      "| rounds | " + " | ".join(k[1] for k in keys) + " |", "|---|" + "---|" * len(keys)]
-            for r in ref:
-                lines.append(f"| 1..{r['round']} | " + " | ".join(_pct(r['base'].get(k)) for k, _ in keys) + " |")
-            lines.append("")
-    # Per client.
-    ids = report["clients"]
-    lines += [f"## Per client after round {R} ({keys[0][1]} of the client's applied facts; facts edited)", "",
-              "| merge | " + " | ".join(ids) + " |", "|---|" + "---|" * len(ids)]
-    for m, run in runs.items():
+    return lines + [""]
+
+
+def _md_rounds(report: dict[str, Any], keys) -> list[str]:
+    """Round by round (several rounds only): each round's facts after every round."""
+    R, eff, ref = report["rounds"], keys[0][0], (report.get("reference") or {}).get("rounds", [])
+    if R <= 1:
+        return []
+    lines = [f"## Round by round: {keys[0][1]} of each round's facts after every round", ""]
+    for m, run in report["runs"].items():
+        lines += [f"**{m}**", "",
+                  "| after round | " + " | ".join(f"facts of round {s}" for s in range(1, R + 1)) + " | all |",
+                  "|---|" + "---|" * (R + 1)]
+        for r in run["rounds"]:
+            cells = [_pct(r["by_round"].get(str(s), {}).get(eff)) if s <= r["round"] else "" for s in range(1, R + 1)]
+            lines.append(f"| {r['round']} | " + " | ".join(cells) + f" | {_pct(r['metrics'].get(eff))} |")
+        lines.append("")
+    if ref:
+        lines += ["**global MEMIT (all facts of rounds ≤ t at once, base form)**", "",
+                  "| rounds | " + " | ".join(k[1] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+        for r in ref:
+            lines.append(f"| 1..{r['round']} | " + " | ".join(_pct(r['base'].get(k)) for k, _ in keys) + " |")
+        lines.append("")
+    return lines
+
+
+def _md_clients(report: dict[str, Any], keys) -> list[str]:
+    ids, eff = report["clients"], keys[0][0]
+    lines = [f"## Per client after round {report['rounds']} ({keys[0][1]} of the client's applied facts; "
+             "facts edited)", "", "| merge | " + " | ".join(ids) + " |", "|---|" + "---|" * len(ids)]
+    for m, run in report["runs"].items():
         bc = run["rounds"][-1]["by_client"] if run["rounds"] else {}
         lines.append(f"| {m} | " + " | ".join(f"{_pct(bc[c].get(eff))} ({bc[c].get('n', 0)})" if c in bc else "— (0)"
                                              for c in ids) + " |")
-    lines.append("")
-    # Duplicates and conflicts.
-    lines += ["## Duplicates and conflicts", ""]
-    for t, r in enumerate(res):
+    return lines + [""]
+
+
+def _md_resolution(report: dict[str, Any]) -> list[str]:
+    """Duplicates and conflicts of each round, and how they were resolved."""
+    lines = ["## Duplicates and conflicts", ""]
+    for t, r in enumerate(report.get("resolution", [])):
         lines.append(f"Round {t + 1}: {r['n_duplicates']} duplicate(s), {r['n_conflicts']} conflict(s), "
                      f"{r['n_rejected']} fact(s) rejected.")
         for d in r["duplicates"]:
@@ -108,16 +127,20 @@ def markdown(report: dict[str, Any]) -> str:
             what = (kept or (d.get("dropped_facts") or [{}])[0]).get("fact", d["key"])
             lines.append(f"- duplicate ({d['kind']}): {what}; kept "
                          f"{kept['client'] if kept else 'the earlier edit'}, dropped "
-                         + ", ".join(f"{x['client']}" for x in d.get("dropped_facts", [])) )
+                         + ", ".join(f"{x['client']}" for x in d.get("dropped_facts", [])))
         for c in r["conflicts"]:
             facts = "; ".join(f"{x['client']}: {x['fact']}" for x in ([c["kept_fact"]] if c.get("kept_fact") else [])
                               + c.get("rejected_facts", []))
             lines.append(f"- conflict [{c['policy']}] {c['resolution']} — {facts}")
         lines.append("")
-    # Timings and secure aggregation.
-    lines += ["## Time", "", "| merge | round | edit vectors (s, all clients) | merge (s) | evaluation (s) |",
-              "|---|---|---|---|---|"]
-    for m, run in runs.items():
+    return lines
+
+
+def _md_time(report: dict[str, Any]) -> list[str]:
+    """Timings per merge and round, and what secure aggregation summed."""
+    lines = ["## Time", "", "| merge | round | edit vectors (s, all clients) | merge (s) | evaluation (s) |",
+             "|---|---|---|---|---|"]
+    for m, run in report["runs"].items():
         for r in run["rounds"]:
             s = r["seconds"]
             lines.append(f"| {m} | {r['round']} | {s.get('vectors', 0):.1f} | {s.get('merge', 0):.3f} | "
@@ -130,8 +153,7 @@ def markdown(report: dict[str, Any]) -> str:
                          f"in {s['seconds']} s; largest distance of a sum from an integer "
                          f"{s['max_distance_from_integer']:.1e}")
         lines.append("")
-    lines.append(f"Total time: {report.get('seconds', 0):.1f} s.")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def chart(report: dict[str, Any], path: Path) -> None:
