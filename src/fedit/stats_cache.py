@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from fedit.core.stats import MomentState, accumulate
+from fedit.core.moments import MomentSums, accumulate
 from fedit.corpus import Corpus, open_corpus
 from fedit.errors import StatsError
 from fedit.paths import cache_root
@@ -69,46 +69,46 @@ def second_moments(lm, layers: list[int], corpus: str | Path | Corpus | None = N
         return out
 
     partial = folder / f"partial-{'_'.join(map(str, missing))}-{tag}.safetensors"
-    state = None
+    running = None
     if partial.exists():
         try:
             with safe_open(str(partial), "pt") as f:
                 meta = f.metadata()
                 sums = {l: f.get_tensor(f"sum{l}").to(lm.device) for l in missing}
-            state = MomentState(sums=sums, tokens=int(meta["tokens"]), chunks=int(meta["chunks"]))
-            log.info("resuming statistics at chunk %d/%d from %s", state.chunks, samples, partial)
+            running = MomentSums(sums=sums, tokens=int(meta["tokens"]), chunks=int(meta["chunks"]))
+            log.info("resuming statistics at chunk %d/%d from %s", running.chunks, samples, partial)
         except (SafetensorError, KeyError, OSError, ValueError) as e:
             log.warning("ignoring unreadable partial statistics %s (%s); starting over", partial, e)
-            state = None
+            running = None
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=samples, initial=state.chunks if state else 0, disable=not progress,
+    bar = tqdm(total=samples, initial=running.chunks if running else 0, disable=not progress,
                desc=f"second moments, layers {missing}", unit="chunk")
     last = [time.monotonic()]
 
-    def checkpoint(st: MomentState, n: int) -> None:
+    def checkpoint(st: MomentSums, n: int) -> None:
         bar.update(n)
         if time.monotonic() - last[0] >= checkpoint_seconds:
             _atomic_save({f"sum{l}": st.sums[l] for l in missing},
                          {"tokens": str(st.tokens), "chunks": str(st.chunks)}, partial)
             last[0] = time.monotonic()
 
-    done = state.chunks if state else 0
+    done = running.chunks if running else 0
     chunks = islice(corpus.chunks(lm.tokenizer, seq_len), done, samples)
     big = max(lm.adapter.w_out_dims(l)[1] for l in missing) > 8192  # float64 would not fit for GPT-J
-    state = accumulate(lm, missing, chunks, state, batch_size=batch_size,
-                       accum_dtype=torch.float32 if big else torch.float64, on_batch=checkpoint)
+    running = accumulate(lm, missing, chunks, running, batch_size=batch_size,
+                         accum_dtype=torch.float32 if big else torch.float64, on_batch=checkpoint)
     bar.close()
-    if state.tokens == 0:
+    if running.tokens == 0:
         raise StatsError(f"corpus {corpus.id} gave no tokens.", "use a corpus with text in it.")
-    if state.chunks < samples:
-        log.warning("corpus %s has only %d chunks of %d tokens; asked for %d", corpus.id, state.chunks,
+    if running.chunks < samples:
+        log.warning("corpus %s has only %d chunks of %d tokens; asked for %d", corpus.id, running.chunks,
                     seq_len, samples)
     for l in missing:
-        mom2 = state.mom2(l).float()
-        _atomic_save({"mom2": mom2}, {"layer": str(l), "tokens": str(state.tokens), "chunks": str(state.chunks),
-                                      "corpus": corpus.id, "model": lm.name}, final[l])
+        mom2 = running.second_moment(l).float()
+        _atomic_save({"mom2": mom2}, {"layer": str(l), "tokens": str(running.tokens),
+                                      "chunks": str(running.chunks), "corpus": corpus.id, "model": lm.name}, final[l])
         out[l] = mom2
     partial.unlink(missing_ok=True)
     return out

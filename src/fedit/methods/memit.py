@@ -48,8 +48,8 @@ class MemitHparams:
     backtrack_steps: int = 0
     v_batch_size: int = 16  # requests optimised together in one forward pass (results do not depend on it)
     # "layerwise": each layer's keys and residual are measured on the model as edited by the
-    # layers below (MEMIT as published). "base": all from the unedited model, all layers solved
-    # at once from sufficient statistics (methods.vectors; CollabEdit's form, FedEdit private mode).
+    # layers below (MEMIT as published). "base": all from the unedited base model, all layers
+    # solved at once from their layer sums (methods.vectors; CollabEdit's form, FedEdit private mode).
     form: str = "layerwise"
 
     def __post_init__(self):
@@ -128,18 +128,18 @@ def spread_over_layers(lm, requests: list[EditRequest], hp: MemitHparams, groups
                 pullback.append({"layer": l, "error_plain": err0, "error_pulled_back": err1})
             R = ad.residual_to_w_out(l, want, cur["__o"][:, 0])
             delta = solve(l, K, R)
-            base = params[names[l]].detach().clone()
+            before = params[names[l]].detach().clone()
             scale = 1.0
             for _ in range(hp.backtrack_steps + 1):
                 with torch.no_grad():
-                    params[names[l]].copy_(base + ad.to_param_layout(scale * delta).to(base.dtype))
+                    params[names[l]].copy_(before + ad.to_param_layout(scale * delta).to(before.dtype))
                 if hp.backtrack_steps == 0 or l == L or mean_residual() < residual_norms[-1]:
                     break
                 scale /= 2
             else:
                 scale = 0.0  # no step size helped: this layer does not write
                 with torch.no_grad():
-                    params[names[l]].copy_(base)
+                    params[names[l]].copy_(before)
             steps.append(scale)
             deltas[l] = scale * delta
             vec_keys[l], vec_resids[l] = K.float().cpu(), (scale * R).float().cpu()
@@ -157,7 +157,7 @@ def spread_over_layers(lm, requests: list[EditRequest], hp: MemitHparams, groups
 
 def with_vectors(lm, zs: torch.Tensor, diag: dict) -> dict:
     """Turn the loop's layer vectors into ``diag["vectors"]``: for methods whose every layer is
-    MEMIT's plain solve, the update is exactly the stats solve of these per-fact vectors
+    MEMIT's plain solve, the update is exactly the layer-sums solve of these per-fact vectors
     (FedEdit's private payload)."""
     lv = diag.pop("layer_vectors")
     diag["vectors"] = EditVectors(zs.float().cpu(), lv["keys"], lv["resids"], lm.identity()["fingerprint"])

@@ -44,16 +44,23 @@ class VectorError(FeditError):
     """Edit vectors that do not fit together or do not fit the model."""
 
 
-@dataclass
+@dataclass(init=False)
 class EditVectors:
     """Edit vectors of n facts, measured on one base model. Rows are facts."""
 
     zs: torch.Tensor  # [n, d_model]
     keys: dict[int, torch.Tensor]  # layer -> [n, d_in]
     resids: dict[int, torch.Tensor]  # layer -> [n, d_out]
-    base: str = ""  # fingerprint of the base model they were measured on
+    base_fingerprint: str = ""  # fingerprint of the base model they were measured on
 
-    def __post_init__(self):
+    def __init__(self, zs: torch.Tensor, keys: dict[int, torch.Tensor], resids: dict[int, torch.Tensor],
+                 base_fingerprint: str = "", *, base: str | None = None):
+        """``base``: the old name of ``base_fingerprint`` (federation/ and collab/ still pass it)."""
+        self.zs, self.keys, self.resids = zs, keys, resids
+        self.base_fingerprint = base if base is not None else base_fingerprint
+        self._check()
+
+    def _check(self) -> None:
         n = self.zs.shape[0]
         if sorted(self.keys) != sorted(self.resids):
             raise VectorError(f"keys are for layers {sorted(self.keys)}, residuals for {sorted(self.resids)}.",
@@ -62,6 +69,11 @@ class EditVectors:
             if self.keys[l].shape[0] != n or self.resids[l].shape[0] != n:
                 raise VectorError(f"layer {l} has {self.keys[l].shape[0]} keys and {self.resids[l].shape[0]} "
                                   f"residuals for {n} targets.", "send one key and one residual per fact and layer.")
+
+    @property
+    def base(self) -> str:
+        """The old name of :attr:`base_fingerprint` (federation/ and collab/ still read it)."""
+        return self.base_fingerprint
 
     @property
     def layers(self) -> list[int]:
@@ -73,14 +85,14 @@ class EditVectors:
     def select(self, idx: Iterable[int]) -> "EditVectors":
         ix = torch.as_tensor(list(idx), dtype=torch.long)
         return EditVectors(self.zs[ix], {l: k[ix] for l, k in self.keys.items()},
-                           {l: r[ix] for l, r in self.resids.items()}, self.base)
+                           {l: r[ix] for l, r in self.resids.items()}, self.base_fingerprint)
 
     @staticmethod
     def cat(parts: list["EditVectors"]) -> "EditVectors":
         parts = [p for p in parts if len(p)]
         if not parts:
             raise VectorError("no edit vectors to join.", "pass at least one non-empty set.")
-        layers, bases = parts[0].layers, {p.base for p in parts}
+        layers, bases = parts[0].layers, {p.base_fingerprint for p in parts}
         if any(p.layers != layers for p in parts):
             raise VectorError(f"edit vectors for different layers: {[p.layers for p in parts]}.",
                               "compute every client's vectors with the same hyperparameters (layers).")
@@ -89,7 +101,7 @@ class EditVectors:
                               "every participant must start from the same base model.")
         return EditVectors(torch.cat([p.zs for p in parts]),
                            {l: torch.cat([p.keys[l] for p in parts]) for l in layers},
-                           {l: torch.cat([p.resids[l] for p in parts]) for l in layers}, parts[0].base)
+                           {l: torch.cat([p.resids[l] for p in parts]) for l in layers}, parts[0].base_fingerprint)
 
     # One fact as named tensors (a federated payload) and back.
     def fact_tensors(self, i: int) -> dict[str, torch.Tensor]:
@@ -100,7 +112,10 @@ class EditVectors:
         return out
 
     @staticmethod
-    def from_fact_tensors(facts: list[dict[str, torch.Tensor]], base: str = "") -> "EditVectors":
+    def from_fact_tensors(facts: list[dict[str, torch.Tensor]], base_fingerprint: str = "",
+                          base: str | None = None) -> "EditVectors":
+        """The vectors of ``facts`` (each as :meth:`fact_tensors` gives it); ``base`` is the old
+        name of ``base_fingerprint``."""
         if not facts:
             raise VectorError("no facts given.", "pass at least one fact's tensors.")
         layers = sorted(int(k.split(".", 1)[1]) for k in facts[0] if k.startswith("key."))
@@ -111,7 +126,7 @@ class EditVectors:
                                   "send z, key.<layer> and resid.<layer> for the same layers in every fact.")
         stack = lambda name: torch.stack([f[name].float() for f in facts])  # noqa: E731
         return EditVectors(stack("z"), {l: stack(f"key.{l}") for l in layers},
-                           {l: stack(f"resid.{l}") for l in layers}, base)
+                           {l: stack(f"resid.{l}") for l in layers}, base_fingerprint, base=base)
 
 
 def layer_sums(vectors: EditVectors) -> dict[int, LayerSums]:

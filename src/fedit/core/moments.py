@@ -2,7 +2,7 @@
 
 One forward pass collects every requested layer at once and stops after the deepest (the
 reference code runs one pass per layer). Accumulation is resumable: the running sums and the
-number of chunks done are the whole state.
+number of chunks done (:class:`MomentSums`) are all it needs to continue.
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ from fedit.core.tokens import pad, pad_id
 
 
 @dataclass
-class MomentState:
+class MomentSums:
     """Running sums for several layers: ``sums[l]`` is Σ k kᵀ over ``tokens`` key vectors."""
 
     sums: dict[int, torch.Tensor]
     tokens: int = 0
     chunks: int = 0
 
-    def mom2(self, layer: int) -> torch.Tensor:
+    def second_moment(self, layer: int) -> torch.Tensor:
+        """C = E[k kᵀ] at ``layer`` [d_in, d_in]."""
         if self.tokens == 0:
             raise ValueError("no tokens were accumulated")
         return self.sums[layer] / self.tokens
@@ -42,22 +43,22 @@ def _batches(chunks: Iterator[list[int]], size: int) -> Iterator[list[list[int]]
 
 
 @torch.no_grad()
-def accumulate(lm, layers: list[int], chunks: Iterable[list[int]], state: MomentState | None = None,
+def accumulate(lm, layers: list[int], chunks: Iterable[list[int]], running: MomentSums | None = None,
                batch_size: int = 8, accum_dtype: torch.dtype = torch.float64,
-               on_batch: Callable[[MomentState, int], None] | None = None) -> MomentState:
-    """Add Σ k kᵀ of every non-padding token of ``chunks`` to ``state`` (or a fresh one).
+               on_batch: Callable[[MomentSums, int], None] | None = None) -> MomentSums:
+    """Add Σ k kᵀ of every non-padding token of ``chunks`` to ``running`` (or fresh sums).
 
-    ``chunks`` must already skip the ``state.chunks`` chunks done before. ``on_batch(state, n)``
+    ``chunks`` must already skip the ``running.chunks`` chunks done before. ``on_batch(running, n)``
     is called after each batch of ``n`` chunks (for progress and checkpoints).
     """
     ad = lm.adapter
     layers = sorted(set(layers))
-    if state is None:
-        state = MomentState(sums={})
+    if running is None:
+        running = MomentSums(sums={})
     for l in layers:
-        if l not in state.sums:
+        if l not in running.sums:
             d_in = ad.w_out_dims(l)[1]
-            state.sums[l] = torch.zeros(d_in, d_in, dtype=accum_dtype, device=lm.device)
+            running.sums[l] = torch.zeros(d_in, d_in, dtype=accum_dtype, device=lm.device)
     mods = {str(l): ad.w_out(l) for l in layers}
     pid = pad_id(lm.tokenizer)
     for batch in _batches(iter(chunks), batch_size):
@@ -67,11 +68,11 @@ def accumulate(lm, layers: list[int], chunks: Iterable[list[int]], state: Moment
             run_until_stop(lambda: ad.body()(input_ids=ids, attention_mask=mask))
         keep = mask.reshape(-1).bool()
         for l in layers:
-            k = store[str(l)]["input"].reshape(-1, state.sums[l].shape[0])[keep].float()
+            k = store[str(l)]["input"].reshape(-1, running.sums[l].shape[0])[keep].float()
             # One batch in float32 (fast), the running sum in accum_dtype (exact enough over many).
-            state.sums[l] += (k.T @ k).to(accum_dtype)
-        state.tokens += int(keep.sum())
-        state.chunks += len(batch)
+            running.sums[l] += (k.T @ k).to(accum_dtype)
+        running.tokens += int(keep.sum())
+        running.chunks += len(batch)
         if on_batch is not None:
-            on_batch(state, len(batch))
-    return state
+            on_batch(running, len(batch))
+    return running
