@@ -29,13 +29,16 @@ from fedit.data.records import EvalRecord
 from fedit.deltas import WeightDeltas, assign_weights
 from fedit.evaluate import metrics as M
 from fedit.evaluate.checkpoint import Checkpoint, CheckpointError, signature
+from fedit.evaluate.generation import GROUPS as GENERATION_GROUPS
+from fedit.evaluate.generation import generation_metrics, measure_generation
 
 log = logging.getLogger(__name__)
 
 # Headline keys per dataset, and the scoring style of each key.
 HEADLINE = {
-    "counterfact": ["efficacy_success", "paraphrase_success", "neighborhood_success", "score", "fluency"],
-    "zsre": ["efficacy_acc", "paraphrase_acc", "specificity_acc"],
+    "counterfact": ["efficacy_success", "paraphrase_success", "neighborhood_success", "score", "generation_success",
+                    "fluency"],
+    "zsre": ["efficacy_acc", "paraphrase_acc", "specificity_acc", "generation_success"],
 }
 STYLE = {
     "efficacy_success": "success", "paraphrase_success": "success", "neighborhood_success": "success",
@@ -46,6 +49,10 @@ STYLE = {
     "neighborhood_acc": "token accuracy", "reliability": "token accuracy (EasyEdit name)",
     "generalization": "token accuracy (EasyEdit name)", "portability": "token accuracy (EasyEdit name)",
     "fluency": "n-gram entropy (ROME GE)",
+    "generation_success": "harmonic mean of the greedy-continuation rates",
+    "generation_efficacy": "greedy continuation contains the new target",
+    "generation_paraphrase": "greedy continuation contains the new target",
+    "generation_neighborhood": "greedy continuation still contains the true answer",
 }
 EASYEDIT_NAMES = {"reliability": "efficacy_acc", "generalization": "paraphrase_acc", "portability": "portability_acc"}
 
@@ -62,6 +69,9 @@ class EvalConfig:
     track_batches: bool = True
     gen_tokens: int = 100
     seed: int = 0
+    # greedy tokens continued from each rewrite, paraphrase and neighbourhood prompt for
+    # generation_success (evaluate.generation); 0 skips it
+    greedy_tokens: int = 10
 
 
 def _probes(rec: EvalRecord) -> list[tuple[str, str, str, int]]:
@@ -81,6 +91,16 @@ def _probes(rec: EvalRecord) -> list[tuple[str, str, str, int]]:
     for i, pt in enumerate(rec.portability):
         out.append(("port", pt.prompt, pt.answer, i))
     return out
+
+
+def measure_all(lm, records: list[EvalRecord], cfg: EvalConfig) -> list[dict[str, Any]]:
+    """:func:`measure`, plus the greedy continuations of ``generation_success`` unless
+    ``cfg.greedy_tokens`` is 0 (one dict per record)."""
+    raw = measure(lm, records)
+    if cfg.greedy_tokens > 0:
+        for r, g in zip(raw, measure_generation(lm, records, cfg.greedy_tokens)):
+            r.update(g)
+    return raw
 
 
 def measure(lm, records: list[EvalRecord], batch_size: int = 32, share: bool = True) -> list[dict[str, Any]]:
@@ -124,6 +144,7 @@ def record_metrics(raw: dict, raw_pre: dict | None, dataset: str) -> dict[str, f
             m["locality"] = mean(M.agreement(raw_pre["nb_answer"][i]["pred"], raw["nb_answer"][i]["pred"]) for i in idx)
     if "port" in raw:
         m["portability_acc"] = mean(acc(s) for s in raw["port"].values())
+    m.update(generation_metrics(raw))
     return m
 
 
@@ -133,6 +154,8 @@ def aggregate(per_record: list[dict[str, float]]) -> dict[str, float]:
     if all(k in out for k in ("efficacy_success", "paraphrase_success", "neighborhood_success")):
         out["score"] = M.harmonic_mean([out["efficacy_success"], out["paraphrase_success"],
                                         out["neighborhood_success"]])
+    if rates := [out[k] for k in GENERATION_GROUPS.values() if k in out]:
+        out["generation_success"] = M.harmonic_mean(rates)
     for name, key in EASYEDIT_NAMES.items():
         if key in out:
             out[name] = out[key]
@@ -289,7 +312,7 @@ def _edit_one_batch_at_a_time(lm, records: list[EvalRecord], cfg: EvalConfig, ba
     gen_post: dict[int, str] = {}
     for bi, b in enumerate(batches):
         with edit_batch(b, bi + 1, run).applied(lm.model):
-            for i, r in zip(b, measure(lm, [records[i] for i in b])):
+            for i, r in zip(b, measure_all(lm, [records[i] for i in b], cfg)):
                 raw_post[i] = r
             gen_post.update(_generate_for(lm, records, [i for i in b if i in flu_idx], cfg))
         if progress:
@@ -316,7 +339,7 @@ def _edit_in_sequence(lm, records: list[EvalRecord], cfg: EvalConfig, batches: l
             ckpt.save(lm.model, run.touched, run.state, run.progress(lm.name))
         if progress:
             progress(len(b))
-    return measure(lm, records), _generate_for(lm, records, flu_idx, cfg)
+    return measure_all(lm, records, cfg), _generate_for(lm, records, flu_idx, cfg)
 
 
 def _report(lm, records: list[EvalRecord], cfg: EvalConfig, run: _Run, raw_post: list[dict],
@@ -391,12 +414,12 @@ def measure_unedited(lm, records: list[EvalRecord], flu_idx: list[int], cfg: Eva
 
         cache = PreCache(folder)
         key = cache.key(lm, [_probes(r) for r in records], [records[i].generation_prompts[0] for i in flu_idx],
-                        cfg.gen_tokens, cfg.seed)
+                        cfg.gen_tokens, cfg.seed, cfg.greedy_tokens)
         hit = cache.get(key, len(records))
         if hit is not None:
             log.info("unedited measurements of %d records taken from %s", len(records), folder)
             return *hit, True
-    raw, gen = measure(lm, records), _generate_for(lm, records, flu_idx, cfg)
+    raw, gen = measure_all(lm, records, cfg), _generate_for(lm, records, flu_idx, cfg)
     if cache is not None:
         cache.put(key, raw, gen)
     return raw, gen, False
