@@ -10,8 +10,9 @@ written only costs the next run its half hour).
 
 The key covers the current weights (:func:`fedit.target_cache.weights_digest`, so an edited
 model is never mistaken for the base), every probe's prompt and answer, the fluency prompts,
-generation length and seed, the greedy continuations' length, device type and dtype, and the torch and fedit versions. One JSON
-file per key, written atomically; a damaged file is reported, ignored and overwritten.
+generation length and seed, the greedy continuations' length (generation_success), device type
+and dtype, and the torch and fedit versions. One JSON file per key, written atomically; a
+damaged file is reported, ignored and overwritten.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ class PreCache:
         self.root = Path(root)
 
     def key(self, lm, probes: list[list[tuple[str, str, str, int]]], generation_prompts: list[str],
-            gen_tokens: int, seed: int, greedy_tokens: int = 0) -> str:
-        """The key of these measurements (``greedy_tokens``: the generation_success
-        continuations' length, 0 when they are not measured)."""
+            gen_tokens: int, seed: int, greedy: list[int] | None = None) -> str:
+        """The key of these measurements (``greedy``: the generation_success settings, None when
+        they are not measured)."""
         from fedit import __version__
         from fedit.target_cache import weights_digest
 
@@ -47,8 +48,8 @@ class PreCache:
         doc = {"format": FORMAT, "model": lm.identity()["fingerprint"], "weights": weights_digest(lm.model),
                "device": lm.device.type, "dtype": str(param.dtype), "torch": torch.__version__,
                "fedit": __version__, "probes": probes, "generation": [generation_prompts, gen_tokens, seed]}
-        if greedy_tokens:
-            doc["greedy_tokens"] = greedy_tokens
+        if greedy is not None:
+            doc["greedy"] = greedy
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
     def _path(self, key: str) -> Path:

@@ -69,9 +69,12 @@ class EvalConfig:
     track_batches: bool = True
     gen_tokens: int = 100
     seed: int = 0
-    # greedy tokens continued from each rewrite, paraphrase and neighbourhood prompt for
-    # generation_success (evaluate.generation); 0 skips it
-    greedy_tokens: int = 10
+    # generation_success (evaluate.generation): greedy continuations of each rewrite, paraphrase
+    # and of the first greedy_neighbours neighbourhood prompts, as long as the expected answer
+    # plus greedy_extra_tokens
+    generation_success: bool = True
+    greedy_extra_tokens: int = 3
+    greedy_neighbours: int = 1
 
 
 def _probes(rec: EvalRecord) -> list[tuple[str, str, str, int]]:
@@ -94,11 +97,11 @@ def _probes(rec: EvalRecord) -> list[tuple[str, str, str, int]]:
 
 
 def measure_all(lm, records: list[EvalRecord], cfg: EvalConfig) -> list[dict[str, Any]]:
-    """:func:`measure`, plus the greedy continuations of ``generation_success`` unless
-    ``cfg.greedy_tokens`` is 0 (one dict per record)."""
+    """:func:`measure`, plus the greedy continuations of ``generation_success`` when
+    ``cfg.generation_success`` (one dict per record)."""
     raw = measure(lm, records)
-    if cfg.greedy_tokens > 0:
-        for r, g in zip(raw, measure_generation(lm, records, cfg.greedy_tokens)):
+    if cfg.generation_success:
+        for r, g in zip(raw, measure_generation(lm, records, cfg.greedy_extra_tokens, cfg.greedy_neighbours)):
             r.update(g)
     return raw
 
@@ -414,7 +417,8 @@ def measure_unedited(lm, records: list[EvalRecord], flu_idx: list[int], cfg: Eva
 
         cache = PreCache(folder)
         key = cache.key(lm, [_probes(r) for r in records], [records[i].generation_prompts[0] for i in flu_idx],
-                        cfg.gen_tokens, cfg.seed, cfg.greedy_tokens)
+                        cfg.gen_tokens, cfg.seed,
+                        [cfg.greedy_extra_tokens, cfg.greedy_neighbours] if cfg.generation_success else None)
         hit = cache.get(key, len(records))
         if hit is not None:
             log.info("unedited measurements of %d records taken from %s", len(records), folder)
