@@ -326,3 +326,19 @@ def test_a_failure_mid_evaluation_leaves_the_weights_bit_identical(sequential, t
         with pytest.raises(RuntimeError, match="injected"):
             evaluate(lm, _records(), cfg, checkpoint_dir=ck, resume=True, **run)
         assert all(torch.equal(p, w0[n]) for n, p in lm.model.named_parameters())
+
+
+def test_checkpoint_rebuilds_the_state_the_method_registers_and_refuses_another(tmp_path):
+    from fedit.evaluate.checkpoint import Checkpoint, CheckpointError
+    from fedit.methods import AlphaEditState
+
+    lm = tiny_model("gpt2")
+    progress = {"per_batch": [], "batches_done": 1, "raw_pre": [], "gen_pre": {}}
+    state = AlphaEditState(kk={1: torch.eye(3)}, edits=2, fingerprint="f")
+    Checkpoint(tmp_path / "a", {"method": "alphaedit"}).save(lm.model, set(), state, progress)
+    _, got, _ = Checkpoint(tmp_path / "a", {"method": "alphaedit"}).load()
+    assert isinstance(got, AlphaEditState) and got.edits == 2 and torch.equal(got.kk[1], torch.eye(3))
+    # MEMIT carries no state: a state in its checkpoint is not rebuilt from the class path in the file
+    Checkpoint(tmp_path / "m", {"method": "memit"}).save(lm.model, set(), state, progress)
+    with pytest.raises(CheckpointError, match="registers no state class"):
+        Checkpoint(tmp_path / "m", {"method": "memit"}).load()
