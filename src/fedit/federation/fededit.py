@@ -1,4 +1,4 @@
-"""FedEdit (FLEKE, DESIGN §5): the client and server roles, free of any federation engine.
+"""FedEdit (FLEKE): the client and server roles, free of any federation engine.
 
 A client edits its own requests slot by slot, uploads one mediator knowledge vector (MKV, the
 target z of MEMIT) per fact, and re-edits with the other clients' MKVs the server finds
@@ -37,7 +37,7 @@ import torch
 from fedit.core import activations
 from fedit.deltas import AppliedEdit, WeightDeltas
 from fedit.errors import FeditError
-from fedit.methods import Resources, get_method
+from fedit.methods import Resources, get_method, names
 from fedit.methods.vectors import (
     EditVectors,
     VectorError,
@@ -52,8 +52,6 @@ MODES = ("private", "paper")
 # What the server compares: "z" (the MKV itself, as the paper) or "delta" (z − h, the edit's
 # direction: on models whose residual stream has a dominant direction, all z look alike).
 MATCH = ("z", "delta")
-# Methods whose every layer is MEMIT's plain solve: their edit vectors rebuild the update.
-PRIVATE_METHODS = ("memit", "pmet")
 
 
 class FedError(FeditError):
@@ -127,10 +125,10 @@ class FedEditClient:
         self.res = resources or Resources()
         self.share_requests = share_requests
         self.method = get_method(method)
-        if mode == "private" and self.method.name not in PRIVATE_METHODS:
+        if mode == "private" and not self.method.private_mkvs:
             raise FedError(f"{self.method.name} cannot run in private mode: its update is not a plain solve of "
                            "per-fact vectors, so other clients could not rebuild it.",
-                           f"use one of {PRIVATE_METHODS}, or --mode paper --share-requests.")
+                           f"use one of {tuple(names(private_mkvs=True))}, or --mode paper --share-requests.")
         if match not in MATCH:
             raise FedError(f"unknown match vector {match!r}.", f"use one of {MATCH}.")
         self.match = match
@@ -202,7 +200,7 @@ class FedEditClient:
         elif self.mode == "paper":
             deltas = {k[2:]: v for k, v in arrays.items() if k.startswith("d.")}
             if deltas:
-                wd = WeightDeltas(deltas=deltas, method="memit", model=self.lm.identity())
+                wd = WeightDeltas(deltas=deltas, method=self.method.name, model=self.lm.identity())
                 self.applied = [wd.apply(self.lm.model, check_base=False)]
             kk = {int(k.rsplit(".", 1)[1]): v for k, v in arrays.items() if k.startswith("s.kk.")}
             if kk and self.method.stateful:
@@ -228,7 +226,7 @@ class FedEditClient:
             self.to_base()  # MKVs are measured on the shared base model
         h = self._h(requests) if self.match == "delta" else None  # on the model the z are measured on
         if self.mode == "private":
-            if self.method.name == "memit" and getattr(self.hp, "form", "layerwise") == "base":
+            if getattr(self.hp, "form", None) == "base":  # base-form hparams: the vectors are the edit
                 vec, reports, t_target = compute_vectors(self.lm, requests, self.hp, self.res)
             else:  # the method on the base model; its updates are the stats solve of these vectors
                 out = self.method.run(self.lm, requests, self.hp, self.res)

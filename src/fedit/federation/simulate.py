@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,13 @@ def backend_config(settings: FedSettings) -> dict[str, Any]:
 
 def run_federation(settings: FedSettings) -> dict[str, Any]:
     """Run the Flower simulation; return what the ServerApp wrote (federation.json)."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from fedit.federation.flower import configure_environment
+
+    configure_environment()
     from flwr.simulation import run_simulation
 
-    from fedit.federation.flower_apps import make_client_app, make_server_app
+    from fedit.federation.app.client_app import make_client_app
+    from fedit.federation.app.server_app import make_server_app
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
