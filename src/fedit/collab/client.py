@@ -129,6 +129,38 @@ class CollabClient:
     def forget_cache(self) -> None:
         self._cache.clear()
 
+    def cached(self, version: str, rnd: int, keep: list[int]) -> Prepared | None:
+        """The edit of round ``rnd`` prepared on model state ``version``, if there is one."""
+        return self._cache.get((version, rnd, tuple(keep)))
+
+    def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What must survive between messages (an engine may serve each in a new process):
+        the prepared edits (tensors) and the pre-edit scores (JSON-able)."""
+        arrays: dict[str, torch.Tensor] = {}
+        prepared = []
+        for i, ((version, rnd, keep), p) in enumerate(self._cache.items()):
+            if p.vectors is not None:
+                arrays.update({f"p{i}.{k}": v for k, v in _vector_tensors(p.vectors).items()})
+            prepared.append({"version": version, "round": rnd, "keep": list(keep), "used": p.used,
+                             "vanished": p.vanished, "seconds": p.seconds, "targets": p.targets,
+                             "vectors": p.vectors is not None,
+                             "fingerprint": p.vectors.base if p.vectors is not None else ""})
+        return arrays, {"prepared": prepared, "pre": {str(r): v for r, v in self._pre.items()}}
+
+    def restore(self, arrays: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Take back what ``export`` returned."""
+        self._pre = {int(r): [_int_keys(x) for x in v] for r, v in meta.get("pre", {}).items()}
+        self._cache = {}
+        for i, e in enumerate(meta.get("prepared", [])):
+            vec = _vectors_from({k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"p{i}.")},
+                                e["fingerprint"]) if e["vectors"] else None
+            self._cache[(e["version"], int(e["round"]), tuple(e["keep"]))] = Prepared(
+                e["version"], list(e["used"]), list(e["vanished"]), vec, float(e["seconds"]), list(e["targets"]))
+
+    @property
+    def has_pre_scores(self) -> bool:
+        return len(self._pre) == len(self.records)
+
     def accept(self, rnd: int, prepared: Prepared) -> None:
         """Remember which facts of round ``rnd`` are now on the model (for evaluation)."""
         self.kept[rnd] = list(prepared.used)
@@ -163,6 +195,20 @@ class CollabClient:
         if rnd not in self._pre:
             raise CollabError(f"client {self.id} has no pre-edit scores.", "call pre_scores() on the base model first.")
         return [self._pre[rnd][i] for i in idx]
+
+
+def _vector_tensors(v: EditVectors) -> dict[str, torch.Tensor]:
+    return {"z": v.zs, **{f"key.{l}": k for l, k in v.keys.items()}, **{f"resid.{l}": r for l, r in v.resids.items()}}
+
+
+def _vectors_from(t: dict[str, torch.Tensor], base: str) -> EditVectors:
+    layers = sorted(int(k.split(".")[1]) for k in t if k.startswith("key."))
+    return EditVectors(t["z"], {l: t[f"key.{l}"] for l in layers}, {l: t[f"resid.{l}"] for l in layers}, base)
+
+
+def _int_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """A measurement after JSON: its probe indices are numbers again."""
+    return {g: {int(i): s for i, s in probes.items()} for g, probes in raw.items()}
 
 
 def summed(per: list[dict[str, float]]) -> dict[str, Any]:

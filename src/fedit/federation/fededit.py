@@ -64,7 +64,7 @@ class MKVBatch:
 
     vectors: torch.Tensor  # [n, d_model] z
     payloads: list[dict[str, torch.Tensor]]  # per fact: key.<l>, resid.<l> (private) or {} (paper)
-    meta: list[dict[str, Any]]  # per fact: {"fact": id, "base": fingerprint, ["request": {...}]}
+    meta: list[dict[str, Any]]  # per fact: {"fact": id, "fingerprint": base model's, ["request": {...}]}
     owner: str = ""
 
     def __len__(self) -> int:
@@ -133,7 +133,7 @@ class FedEditClient:
             raise FedError(f"unknown match vector {match!r}.", f"use one of {MATCH}.")
         self.match = match
         self.report = ClientReport(client_id)
-        self.base = lm.identity()["fingerprint"]
+        self.fingerprint = lm.identity()["fingerprint"]  # of the shared base model
         self.vectors: EditVectors | None = None  # private: every fact held (own and reused)
         self.fact_ids: list[str] = []  # private: row ids of self.vectors; paper: facts applied
         self.applied: list[AppliedEdit] = []  # edits now on the model
@@ -195,7 +195,7 @@ class FedEditClient:
         if self.mode == "private" and "v.z" in arrays:
             layers = sorted(int(k.rsplit(".", 1)[1]) for k in arrays if k.startswith("v.key."))
             self.vectors = EditVectors(arrays["v.z"], {l: arrays[f"v.key.{l}"] for l in layers},
-                                       {l: arrays[f"v.resid.{l}"] for l in layers}, self.base)
+                                       {l: arrays[f"v.resid.{l}"] for l in layers}, self.fingerprint)
             self._solve_and_apply()
         elif self.mode == "paper":
             deltas = {k[2:]: v for k, v in arrays.items() if k.startswith("d.")}
@@ -207,7 +207,7 @@ class FedEditClient:
                 from fedit.methods.alphaedit import AlphaEditState
 
                 self.method_state = AlphaEditState(kk=kk, edits=int(state.get("method_state_edits", 0)),
-                                                   fingerprint=self.base)
+                                                   fingerprint=self.fingerprint)
 
     def _h(self, requests: list[EditRequest]) -> torch.Tensor:
         L = self.hp.layers[-1]
@@ -236,7 +236,7 @@ class FedEditClient:
             self.fact_ids += list(fact_ids)
             self._solve_and_apply()
             payloads = [{k: v for k, v in vec.fact_tensors(i).items() if k != "z"} for i in range(len(vec))]
-            meta = [{"fact": f, "base": self.base} for f in fact_ids]
+            meta = [{"fact": f, "fingerprint": self.fingerprint} for f in fact_ids]
             zs = vec.zs
         else:
             out = self._edit_in_place(requests)
@@ -245,7 +245,8 @@ class FedEditClient:
             zs = (diag["vectors"].zs if "vectors" in diag else diag["zs"]).float().cpu()
             self.fact_ids += list(fact_ids)
             payloads = [{} for _ in requests]
-            meta = [{"fact": f, "base": self.base, **({"request": q.to_dict()} if self.share_requests else {})}
+            meta = [{"fact": f, "fingerprint": self.fingerprint,
+                     **({"request": q.to_dict()} if self.share_requests else {})}
                     for f, q in zip(fact_ids, requests)]
         r = self.report
         r.own_facts += len(requests)
@@ -271,13 +272,15 @@ class FedEditClient:
                 raise FedError(f"reused MKVs have dimension {hits.vectors.shape[1]}, this model's is {d}.",
                                "every client must use the same base model.")
             if self.mode == "private":
-                bases = {m.get("base") for m in hits.meta}
-                if bases != {self.base}:
-                    raise FedError(f"reused MKVs were measured on base model(s) {sorted(map(str, bases))}, "
-                                   f"this client's is {self.base}.", "every client must start from the same base model.")
+                # "base": the key in MKVs stored by earlier fedit versions
+                prints = {m.get("fingerprint", m.get("base")) for m in hits.meta}
+                if prints != {self.fingerprint}:
+                    raise FedError(f"reused MKVs were measured on base model(s) {sorted(map(str, prints))}, "
+                                   f"this client's is {self.fingerprint}.",
+                                   "every client must start from the same base model.")
                 try:
                     vec = EditVectors.from_fact_tensors(
-                        [{"z": hits.vectors[i], **hits.payloads[i]} for i in range(n)], base=self.base)  # payload z wins
+                        [{"z": hits.vectors[i], **hits.payloads[i]} for i in range(n)], base=self.fingerprint)  # payload z wins
                 except VectorError as e:
                     raise FedError(f"reused MKVs do not carry what private mode needs: {e.problem}",
                                    "run every client in the same --mode (private MKVs carry keys and residuals).") from e

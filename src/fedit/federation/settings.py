@@ -20,6 +20,29 @@ class SettingsError(FeditError):
     """A federated run's settings that cannot work."""
 
 
+def to_user_config(settings) -> dict[str, Any]:
+    """A settings dataclass as Flower's user config: flat, hyphenated keys, scalar values."""
+    return {f.name.replace("_", "-"): getattr(settings, f.name) for f in fields(settings)}
+
+
+def from_user_config(cls, cfg: dict[str, Any], **override):
+    """``cls`` (a settings dataclass) from a user config; keys it does not know are other apps'."""
+    known = {f.name: f for f in fields(cls)}
+    kw: dict[str, Any] = {}
+    for k, v in dict(cfg).items():
+        name = k.replace("-", "_")
+        if name not in known:
+            continue
+        typ = known[name].type
+        try:
+            kw[name] = (v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")) if typ == "bool" else \
+                int(v) if typ == "int" else float(v) if typ == "float" else str(v)
+        except (TypeError, ValueError) as e:
+            raise SettingsError(f"setting {k} = {v!r} is not a valid {typ}.", f"give {k} a {typ} value.") from e
+    kw.update(override)
+    return cls(**kw)
+
+
 @dataclass
 class FedSettings:
     # model and caches
@@ -93,24 +116,11 @@ class FedSettings:
 
     # Flower user config: flat, hyphenated keys, scalar values.
     def to_user_config(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        return to_user_config(self)
 
     @classmethod
     def from_user_config(cls, cfg: dict[str, Any], **override) -> "FedSettings":
-        known = {f.name: f for f in fields(cls)}
-        kw: dict[str, Any] = {}
-        for k, v in dict(cfg).items():
-            name = k.replace("-", "_")
-            if name not in known:
-                continue  # other apps' keys
-            typ = known[name].type
-            try:
-                kw[name] = (v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")) if typ == "bool" else \
-                    int(v) if typ == "int" else float(v) if typ == "float" else str(v)
-            except (TypeError, ValueError) as e:
-                raise SettingsError(f"setting {k} = {v!r} is not a valid {typ}.", f"give {k} a {typ} value.") from e
-        kw.update(override)
-        return cls(**kw)
+        return from_user_config(cls, cfg, **override)
 
     def replace(self, **kw) -> "FedSettings":
         return dataclasses.replace(self, **kw)
