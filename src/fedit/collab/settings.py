@@ -8,8 +8,6 @@ source of every default: the app's pyproject and ``fedit collab run`` are checke
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -17,18 +15,11 @@ from typing import Any
 from fedit.collab.client import CollabError
 from fedit.collab.config import CollabConfig
 from fedit.collab.merge import MERGES
-from fedit.federation.settings import SettingsError, from_user_config, to_user_config
+from fedit.federation.settings import RunSettings, SettingsError
 
 
 @dataclass
-class CollabSettings:
-    # model and caches
-    model: str = "gemma-3-270m"
-    device: str = ""
-    dtype: str = ""
-    cache_dir: str = ""
-    corpus: str = ""
-    threads: int = 0
+class CollabSettings(RunSettings):
     overrides: str = ""  # JSON object of MEMIT hyperparameter overrides
     hparams_file: str = ""
     # the facts: each node's share of one dataset (partition-id), or its own file (data-path)
@@ -78,17 +69,6 @@ class CollabSettings:
                             layerwise_reference=False, dataset="zsre" if self.dataset == "zsre" else "counterfact",
                             salt=salt)
 
-    def hparam_overrides(self) -> dict[str, Any]:
-        if not self.overrides:
-            return {}
-        try:
-            o = json.loads(self.overrides)
-        except json.JSONDecodeError as e:
-            raise SettingsError(f"overrides is not JSON: {e}.", 'pass a JSON object, e.g. {"layers": [4, 5]}.') from e
-        if not isinstance(o, dict):
-            raise SettingsError("overrides must be a JSON object.", 'pass e.g. {"layers": [4, 5]}.')
-        return o
-
     def salt_bytes(self, node_config: dict[str, Any]) -> bytes:
         """The digest salt: the node's own (``salt`` in its node config) or the run's."""
         text = str(node_config.get("salt", "") or self.salt)
@@ -100,16 +80,6 @@ class CollabSettings:
             return bytes.fromhex(text)
         except ValueError as e:
             raise CollabError(f"the salt {text[:8]}… is not hexadecimal.", "give the salt as hex digits.") from e
-
-    def to_user_config(self) -> dict[str, Any]:
-        return to_user_config(self)
-
-    @classmethod
-    def from_user_config(cls, cfg: dict[str, Any], **override) -> "CollabSettings":
-        return from_user_config(cls, cfg, **override)
-
-    def replace(self, **kw) -> "CollabSettings":
-        return dataclasses.replace(self, **kw)
 
 
 @lru_cache(maxsize=4)

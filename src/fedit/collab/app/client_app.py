@@ -75,19 +75,19 @@ def make_client_app(settings: CollabSettings | None = None) -> ClientApp:
         return _reply(msg, {"used": json.dumps(out["used"]), "vanished": json.dumps(out["vanished"]),
                             "seconds": float(out["seconds"]), "exponents": json.dumps(out["exponents"])})
 
-    @app.query("stats")
-    def stats(msg: Message, context: Context) -> Message:
+    def tensors_reply(msg: Message, context: Context, what) -> Message:
         c = _open(context, settings)
-        n, arrays = task.stats_arrays(c, *_asked(msg, c)[1:])
+        n, arrays = what(c, *_asked(msg, c)[1:])
         _save(c, context)
         return _reply(msg, {"n": n}, arrays)
 
+    @app.query("stats")
+    def stats(msg: Message, context: Context) -> Message:
+        return tensors_reply(msg, context, task.stats_arrays)
+
     @app.query("delta")
     def delta(msg: Message, context: Context) -> Message:
-        c = _open(context, settings)
-        n, arrays = task.own_update(c, *_asked(msg, c)[1:])
-        _save(c, context)
-        return _reply(msg, {"n": n}, arrays)
+        return tensors_reply(msg, context, task.own_update)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
