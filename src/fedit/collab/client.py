@@ -157,6 +157,18 @@ class CollabClient:
             self._cache[(e["version"], int(e["round"]), tuple(e["keep"]))] = Prepared(
                 e["version"], list(e["used"]), list(e["vanished"]), vec, float(e["seconds"]), list(e["targets"]))
 
+    def layer_stats(self, rnd: int, prepared: Prepared, step: int) -> LayerStats | None:
+        """Layer-sequential form: this client's statistics at edited layer ``step`` on the model as
+        it is (None without facts), with the targets z of ``prepared``."""
+        from fedit.collab.layerwise import layer_stats
+
+        if not prepared.n:
+            return None
+        recs = self.round_records(rnd)
+        groups = self.res.templates(self.model.lm, self.hp.context_template_length_params)
+        return layer_stats(self.model.lm, [recs[i].request for i in prepared.used], prepared.vectors.zs,
+                           self.hp.layers, step, groups, self.hp.pullback_steps)
+
     @property
     def has_pre_scores(self) -> bool:
         return len(self._pre) == len(self.records)

@@ -10,6 +10,11 @@ from typing import Any
 from fedit.collab.merge import MERGES, MergeConfig, MergeError
 from fedit.collab.protocol import POLICIES, ProtocolError
 
+# "base": one exchange of statistics per round, all measured on the published model (the
+# CollabEdit paper's protocol); "layerwise": one exchange per edited layer, lowest first, each
+# measured with this round's merged lower layers applied (equals MEMIT as published).
+FORMS = ("base", "layerwise")
+
 
 @dataclass
 class CollabConfig:
@@ -24,6 +29,7 @@ class CollabConfig:
     reference: bool = True  # global MEMIT over the union (base form)
     layerwise_reference: bool = True  # and MEMIT as published, with the same z
     dataset: str = "counterfact"
+    form: str = "base"  # CollabEdit's form, one of FORMS (the baselines always merge base-form updates)
     salt: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
 
     def __post_init__(self):
@@ -34,6 +40,8 @@ class CollabConfig:
             raise MergeError("no merge method given.", f"use one or more of {', '.join(MERGES)}.")
         if self.conflict_policy not in POLICIES:
             raise ProtocolError(f"unknown conflict policy {self.conflict_policy!r}.", f"use one of {', '.join(POLICIES)}.")
+        if self.form not in FORMS:
+            raise MergeError(f"unknown form {self.form!r}.", f"use one of {', '.join(FORMS)}.")
         if self.c1_weight < 0:
             raise MergeError(f"c1_weight must be ≥ 0, got {self.c1_weight}.", "use 1 (the global solve).")
 
@@ -45,3 +53,13 @@ class CollabConfig:
         d.pop("salt")
         d["merges"] = list(self.merges)
         return d
+
+
+def for_form(hparams, form: str):
+    """The MEMIT hyperparameters a run of ``form`` uses: clients measure their vectors in the base
+    form either way; the layer-sequential form has no federated counterpart of MEMIT's
+    backtracking (it halves a layer's step by looking at every fact's residual), so it is off."""
+    hp = dataclasses.replace(hparams, form="base")
+    if form == "layerwise" and getattr(hp, "backtrack_steps", 0):
+        hp = dataclasses.replace(hp, backtrack_steps=0)
+    return hp

@@ -16,13 +16,13 @@ import time
 from typing import Any, Callable
 
 from fedit.collab.client import CollabClient, ModelState
-from fedit.collab.config import CollabConfig
+from fedit.collab.config import CollabConfig, for_form
 from fedit.collab.merge import solve, sum_stats
 from fedit.collab.plan import PlanError, split_plan
 from fedit.collab.reference import global_reference, reference_rounds, resolutions_for
 from fedit.collab.report import annotate, attach_reference, relative_diff, round_entry, summary
 from fedit.collab.rounds import Edited, Solver, run_merges
-from fedit.collab.state import CollabState
+from fedit.collab.state import CollabState, add_layers
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,12 @@ class LocalExchange:
         return ([solve(s, self.solver.C0, self.solver.lam) if s else {} for s in stats],
                 [float(p.n) for p in self._prepared.values()])
 
+    def layer_stats(self, rnd, keep, state, step, below):
+        self.model.set(f"{state.version}+r{rnd + 1}l{step}", add_layers(state.delta, below))
+        parts = [c.layer_stats(rnd, p, step) for c, p in zip(self.clients, self._prepared.values())]
+        l = self.solver.layers[step]
+        return sum_stats([{l: s} for s in parts if s is not None])[l]
+
     def evaluate(self, rnd, state, applied):
         self.model.set(state.version, state.delta)
         for c in self.clients:
@@ -76,7 +82,7 @@ def run_collab(lm, plan: dict[str, list[list]], hparams, resources, cfg: CollabC
         raise PlanError(f"clients have different numbers of rounds: { {c: len(v) for c, v in plan.items()} }.",
                         "give every client one list of facts per round.")
     R = rounds.pop()
-    hp = dataclasses.replace(hparams, form="base")
+    hp = for_form(hparams, cfg.form)
     state = ModelState(lm)
     clients = [CollabClient(c, state, hp, resources, recs, cfg.salt, cfg.residual_tol, cfg.dataset)
                for c, recs in plan.items()]
@@ -85,7 +91,7 @@ def run_collab(lm, plan: dict[str, list[list]], hparams, resources, cfg: CollabC
         for c in clients:
             c.pre_scores()
         solver = Solver(resources.second_moments(lm, hp.layers, hp.mom2_samples, hp.mom2_seq_len),
-                        hp.mom2_update_weight)
+                        hp.mom2_update_weight, list(hp.layers))
         reference = None
         if cfg.reference:
             reference = reference_rounds(lm, clients, resolutions_for(clients, R, cfg), hp, resources, solver.C0,
@@ -98,6 +104,6 @@ def run_collab(lm, plan: dict[str, list[list]], hparams, resources, cfg: CollabC
     report.update(model=lm.name, dataset=cfg.dataset, per_client=[len(plan[c][0]) for c in plan][0] if plan else 0,
                   config=cfg.to_dict(), hparams=dataclasses.asdict(hp), reference=None)
     if reference is not None:
-        attach_reference(report, reference, done["deltas"])
+        attach_reference(report, reference, done["deltas"], cfg.form)
     report["seconds"] = round(time.perf_counter() - t_all, 3)
     return report

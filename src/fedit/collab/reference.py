@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from fedit.collab.client import CollabClient, ModelState, pool
-from fedit.collab.config import CollabConfig
+from fedit.collab.config import CollabConfig, for_form
 from fedit.collab.merge import MergeConfig, MergeError, merge
 from fedit.collab.protocol import Resolution, resolve
 from fedit.methods.vectors import EditVectors
@@ -46,7 +46,7 @@ def global_reference(lm, plan: dict[str, list[list]], hparams, resources, cfg: C
     beside the edit it must equal; it optimises every target again, in this process.
     """
     say = progress or (lambda s: log.info(s))
-    hp = dataclasses.replace(hparams, form="base")
+    hp = for_form(hparams, cfg.form)
     state = ModelState(lm)
     clients = [CollabClient(c, state, hp, resources, recs, cfg.salt, cfg.residual_tol, cfg.dataset)
                for c, recs in plan.items()]
@@ -67,20 +67,22 @@ def reference_rounds(lm, clients: list[CollabClient], resolutions: list[Resoluti
     Returns {"deltas": [base-form Δ per round], "report": {"rounds": [entry per round]}}; the
     model is at its base weights on return."""
     state = clients[0].model
-    deltas, entries = [], []
+    deltas, layerwise, entries = [], [], []
     try:
         for t in range(len(resolutions)):
             say(f"reference: global MEMIT over rounds 1..{t + 1}")
             delta, entry, reqs, zs = _base_form(lm, clients, resolutions, t, hp, C0)
             deltas.append(delta)
-            if cfg.layerwise_reference and delta:
-                entry.update(_layerwise(lm, clients, t, hp, res, reqs, zs, delta))
+            if (cfg.layerwise_reference or cfg.form == "layerwise") and delta:
+                lw_entry, lw_delta = _layerwise(lm, clients, t, hp, res, reqs, zs, delta)
+                entry.update(lw_entry)
+                layerwise.append(lw_delta)
             entries.append(entry)
     finally:
         state.reset()
         for c in clients:
             c.kept.clear()
-    return {"deltas": deltas, "report": {"rounds": entries}}
+    return {"deltas": deltas, "layerwise_deltas": layerwise, "report": {"rounds": entries}}
 
 
 def _base_form(lm, clients, resolutions, t: int, hp, C0):
@@ -113,8 +115,9 @@ def _base_form(lm, clients, resolutions, t: int, hp, C0):
     return delta, entry, reqs, zs
 
 
-def _layerwise(lm, clients, t: int, hp, res, reqs, zs, delta) -> dict[str, Any]:
-    """MEMIT as published over the same facts with the same z, scored, and its distance to the base form."""
+def _layerwise(lm, clients, t: int, hp, res, reqs, zs, delta) -> tuple[dict[str, Any], dict[int, torch.Tensor]]:
+    """MEMIT as published over the same facts with the same z: (report entry with its scores and its
+    distance to the base form, its Δ per layer [d_out, d_in])."""
     from fedit.methods.memit import compute_memit
 
     t1 = time.perf_counter()
@@ -130,7 +133,8 @@ def _layerwise(lm, clients, t: int, hp, res, reqs, zs, delta) -> dict[str, Any]:
         entry["layerwise"] = _pooled(clients, t)
     entry["seconds_layerwise"] = round(time.perf_counter() - t1, 3)
     entry["layerwise_residual_norms"] = out.diagnostics.get("residual_norms")
-    return entry
+    # to_param_layout is a transpose or the identity: applied again it gives the math layout back
+    return entry, {l: lm.adapter.to_param_layout(out.deltas.deltas[n].double()) for l, n in names.items()}
 
 
 def _residual(lm, requests, zs: torch.Tensor, L: int) -> float:

@@ -62,11 +62,14 @@ def relative_diff(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> dic
     return {"max_abs_diff": num, "relative": num / den if den else float("nan")}
 
 
-def attach_reference(report: dict[str, Any], reference: dict[str, Any], deltas: dict[str, list[dict]]) -> None:
-    """Put a reference into a report, with each method's Δ compared to it round by round."""
+def attach_reference(report: dict[str, Any], reference: dict[str, Any], deltas: dict[str, list[dict]],
+                     form: str = "base") -> None:
+    """Put a reference into a report, with each method's Δ compared round by round to the global
+    MEMIT of the same ``form`` (base form, or layer by layer)."""
     report["reference"] = reference["report"]
+    refs = reference["deltas"] if form == "base" else reference.get("layerwise_deltas", [])
     for m, ds in deltas.items():
-        for entry, d, ref in zip(report["runs"][m]["rounds"], ds, reference["deltas"]):
+        for entry, d, ref in zip(report["runs"][m]["rounds"], ds, refs):
             entry["vs_reference"] = relative_diff(d, ref)
 
 

@@ -28,7 +28,7 @@ from fedit.collab.merge import MergeError, merge_updates, solve
 from fedit.collab.protocol import FactDigest, Resolution, resolve
 from fedit.collab.report import round_entry
 from fedit.collab.state import CollabState
-from fedit.methods.vectors import LayerStats
+from fedit.methods.vectors import LayerStats, delta_from_stats
 
 Delta = dict[int, torch.Tensor]  # layer -> [d_out, d_in], math layout of W_out
 Applied = dict[str, dict[int, list[int]]]  # client -> round -> indices of the facts now on the model
@@ -58,21 +58,29 @@ class Exchange(Protocol):
     def updates(self, rnd: int, keep: dict[str, list[int]], state: CollabState) -> tuple[list[Delta], list[float]]:
         """Each client's own update Δᵢ and its number of edits."""
 
+    def layer_stats(self, rnd: int, keep: dict[str, list[int]], state: CollabState, step: int,
+                    below: Delta) -> LayerStats:
+        """Layer-sequential form: Σ over clients of the statistics at edited layer ``step``, measured
+        on the model carrying ``state`` plus ``below`` (this round's merged lower layers)."""
+
     def evaluate(self, rnd: int, state: CollabState, applied: Applied) -> dict[str, dict[int, dict]]:
         """Each client's metrics (``client.summed``) per round of origin, on the model carrying ``state``."""
 
 
 @dataclass
 class Solver:
-    """The server's public part of the solve: C₀ per layer and λ."""
+    """The server's public part of the solve: C₀ per layer, λ, the edited layers (ascending)."""
 
     C0: dict[int, torch.Tensor]
     lam: float
+    layers: list[int]
 
 
 def _merged(method: str, ex: Exchange, rnd: int, keep: dict[str, list[int]], st: CollabState,
             cfg: CollabConfig, solver: Solver) -> tuple[dict[int, LayerStats], Delta]:
     """(summed statistics or {}, merged Δ or {} when nothing can be merged)."""
+    if method == "collabedit" and cfg.form == "layerwise":
+        return _layer_by_layer(ex, rnd, keep, st, cfg, solver)
     if method == "collabedit":
         total = ex.summed_stats(rnd, keep, st)
         return total, solve(total, solver.C0, solver.lam, st.C1 if cfg.c1 else None)
@@ -81,6 +89,20 @@ def _merged(method: str, ex: Exchange, rnd: int, keep: dict[str, list[int]], st:
         return {}, merge_updates(cfg.merge_config(method), deltas, counts)
     except MergeError:  # e.g. no client with an update
         return {}, {}
+
+
+def _layer_by_layer(ex: Exchange, rnd: int, keep: dict[str, list[int]], st: CollabState, cfg: CollabConfig,
+                    solver: Solver) -> tuple[dict[int, LayerStats], Delta]:
+    """One exchange per edited layer, lowest first: the clients measure with the merged layers
+    below applied, the server solves the layer with λC₀ + C₁ + Σ K Kᵀ."""
+    total: dict[int, LayerStats] = {}
+    delta: Delta = {}
+    for step, l in enumerate(solver.layers):
+        s_l = ex.layer_stats(rnd, keep, st, step, delta)
+        total[l] = s_l
+        C1 = st.C1.get(l) if cfg.c1 else None
+        delta[l] = delta_from_stats(s_l, solver.C0[l].to(s_l.KK.device), solver.lam, C1)
+    return total, delta
 
 
 def _kept_facts(subs: dict[str, list[FactDigest]], res: Resolution) -> dict[str, str]:

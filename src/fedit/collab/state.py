@@ -44,3 +44,8 @@ class CollabState:
         for key, target in facts.items():
             self.applied.setdefault(key, (target, self.round))
         self.version = version or f"round-{self.round}"
+
+
+def add_layers(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per-layer sum of two updates (a layer missing from one counts as zero)."""
+    return {l: a.get(l, 0) + b.get(l, 0) for l in sorted(set(a) | set(b))}
