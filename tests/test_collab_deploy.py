@@ -41,7 +41,7 @@ def _cli_defaults(argv):
      {"clients": "clients", "rounds": "rounds", "per_client": "per_client", "dataset": "dataset", "merge": "merge",
       "conflict_policy": "conflict_policy", "ties_density": "ties_density", "ties_scale": "ties_scale",
       "c1_weight": "c1_weight", "residual_tol": "residual_tol", "overlap": "overlap", "conflict": "conflict",
-      "seed": "seed"}),
+      "seed": "seed", "form": "form"}),
 ])
 def test_cli_defaults_are_the_settings_defaults(argv, settings, names):
     args = _cli_defaults(argv)

@@ -43,3 +43,28 @@ def test_base_form_run_is_unchanged_by_the_option(tiny_cache):
     assert rep["runs"]["collabedit"]["rounds"][0]["vs_reference"]["relative"] < 1e-9
     with pytest.raises(MergeError, match="form"):
         CollabConfig(form="sequential")
+
+
+def test_layerwise_through_flower_with_secagg_equals_the_reference(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """`fedit collab run --form layerwise --secagg`: one secure sum per edited layer, and the merged
+    edit is centralised layer-by-layer MEMIT computed in this process (z optimised twice)."""
+    import json
+
+    from fedit.cli.main import main
+
+    from helpers import CORPUS, run_json
+
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps({k: v for k, v in OVER.items() if k != "layers"}))
+    code, out = run_json(capsys, main, [
+        "collab", "run", "--model", str(tiny_model_dir), "--hparams", str(hp), "--layers", "0,1,2",
+        "--corpus", str(CORPUS), "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--json",
+        "--clients", "2", "--rounds", "1", "--per-client", "2", "--form", "layerwise", "--secagg",
+        "--out", str(tmp_path / "o")])
+    assert code == 0, out
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["config"]["form"] == "layerwise"
+    assert [(s["round"], s["layer"], s["clients"]) for s in report["secure_aggregation"]] == [(1, 0, 2), (1, 1, 2),
+                                                                                               (1, 2, 2)]
+    assert out["vs_reference"]["collabedit"]["relative"] < 1e-4

@@ -52,6 +52,8 @@ def register(sub, common, _unused=None) -> None:
     r.add_argument("--c1-weight", type=float, default=1.0, help="C₁ += w·KKᵀ (1: equals the global solve)")
     r.add_argument("--residual-tol", type=float, default=1e-6,
                    help="a fact whose ‖z − h‖/‖h‖ is at most this is already said by the model and not edited")
+    r.add_argument("--form", default="base", choices=["base", "layerwise"],
+                   help="CollabEdit's exchange: base (one per round, the paper's) or layerwise (one per edited layer)")
     r.add_argument("--engine", default="flower", choices=ENGINES)
     r.add_argument("--secagg", action="store_true", help="flower engine: sum CollabEdit's statistics with SecAgg+")
     r.add_argument("--no-reference", action="store_true", help="skip global MEMIT over the union (the reference)")
@@ -87,7 +89,7 @@ def run(args, load, layers) -> int:
                        ties_density=args.ties_density, ties_scale=args.ties_scale, c1=not args.no_c1,
                        c1_weight=args.c1_weight, residual_tol=args.residual_tol, reference=not args.no_reference,
                        layerwise_reference=not args.no_layerwise_reference,
-                       dataset="zsre" if args.dataset == "zsre" else "counterfact")
+                       dataset="zsre" if args.dataset == "zsre" else "counterfact", form=args.form)
     if args.priority and cfg.conflict_policy != "priority":
         raise FeditError("--priority is only used with --conflict-policy priority.", "add --conflict-policy priority.")
     if args.secagg and args.engine != "flower":
@@ -148,5 +150,5 @@ def _run_flower(args, lm, plan, hp, res, cfg, overrides, say):
                        merge=",".join(cfg.merges), conflict_policy=cfg.conflict_policy,
                        priority=",".join(cfg.priority or []), ties_density=cfg.ties_density,
                        ties_scale=cfg.ties_scale, c1=cfg.c1, c1_weight=cfg.c1_weight, residual_tol=cfg.residual_tol,
-                       secagg=args.secagg)
+                       secagg=args.secagg, form=cfg.form)
     return run_flower(s, cfg, lm, plan, hp, res, say)

@@ -40,6 +40,7 @@ class CollabSettings(RunSettings):
     c1: bool = True
     c1_weight: float = 1.0
     residual_tol: float = 1e-6
+    form: str = "base"  # CollabEdit's form: base (one exchange per round) or layerwise (one per layer)
     secagg: bool = False
     secagg_shares: float = 1.0  # fraction of the other clients each client shares its secrets with
     secagg_threshold: float = 0.67  # fraction of shares that reconstruct a dropped client's secret
@@ -67,7 +68,7 @@ class CollabSettings(RunSettings):
                             ties_density=self.ties_density, ties_scale=self.ties_scale, c1=self.c1,
                             c1_weight=self.c1_weight, residual_tol=self.residual_tol, reference=False,
                             layerwise_reference=False, dataset="zsre" if self.dataset == "zsre" else "counterfact",
-                            salt=salt)
+                            form=self.form, salt=salt)
 
     def salt_bytes(self, node_config: dict[str, Any]) -> bytes:
         """The digest salt: the node's own (``salt`` in its node config) or the run's."""

@@ -89,6 +89,21 @@ def make_client_app(settings: CollabSettings | None = None) -> ClientApp:
     def delta(msg: Message, context: Context) -> Message:
         return tensors_reply(msg, context, task.own_update)
 
+    @app.query("layer")
+    def layer(msg: Message, context: Context) -> Message:
+        """Layer-sequential form: the statistics at one edited layer, on the model with the merged
+        layers below; with SecAgg+ only their exponents (the tensors wait for the secure sum)."""
+        s = task.settings_for(context.run_config, settings)
+        c = _open(context, settings)
+        cfg = msg.content.config_records["collab"]
+        task.at_state(c, str(cfg["layer_version"]), arrays_to_layers(msg.content.array_records.get("state")))
+        n, arrays, exps = task.layer_arrays(c, str(cfg["version"]), int(cfg["round"]), json.loads(str(cfg["keep"])),
+                                            int(cfg["step"]))
+        context.state["collab.layer"] = to_arrays(arrays)
+        context.state["collab.layer.meta"] = ConfigRecord({"n": n, "step": int(cfg["step"])})
+        _save(c, context)
+        return _reply(msg, {"n": n, "exponents": json.dumps(exps)}, None if s.secagg else arrays)
+
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         c = _open(context, settings)
@@ -106,8 +121,13 @@ def make_client_app(settings: CollabSettings | None = None) -> ClientApp:
 
         c = _open(context, settings)
         fit = compat.recorddict_to_fitins(msg.content, keep_input=True).config
-        limbs = task.secure_limbs(c, str(fit["version"]), int(fit["round"]), json.loads(str(fit["keep"])),
-                                  json.loads(str(fit["exponents"])))
+        exps = json.loads(str(fit["exponents"]))
+        if int(fit.get("step", -1)) >= 0:  # layer-sequential form: what query.layer measured
+            meta = context.state["collab.layer.meta"]
+            limbs = task.secure_layer_limbs(c, int(meta["step"]), int(meta["n"]),
+                                            to_tensors(context.state["collab.layer"]), exps)
+        else:
+            limbs = task.secure_limbs(c, str(fit["version"]), int(fit["round"]), json.loads(str(fit["keep"])), exps)
         res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(limbs), num_examples=1, metrics={})
         return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
 

@@ -15,7 +15,7 @@ from fedit.collab.protocol import FactDigest
 from fedit.collab.rounds import Edited
 from fedit.collab.secure import NO_EXPONENT
 from fedit.collab.settings import CollabSettings
-from fedit.collab.state import CollabState
+from fedit.collab.state import CollabState, add_layers
 from fedit.federation.flower import ask, layers_to_arrays, to_tensors
 from fedit.methods.vectors import LayerStats
 
@@ -37,12 +37,15 @@ class FlowerExchange:
         self._exponents: list[dict[str, int]] = []
         self._n = 0
 
-    def _ask(self, kind: str, values, state: CollabState | None = None) -> dict[int, RecordDict]:
+    def _ask(self, kind: str, values, state: CollabState | None = None,
+             delta: dict[int, torch.Tensor] | None = None) -> dict[int, RecordDict]:
+        """Ask every node; the published model goes along as ``state.delta`` (or ``delta``)."""
+        delta = state.delta if state is not None else delta
         contents = {}
         for nid in self.nodes:
             contents[nid] = RecordDict({"collab": ConfigRecord(values(nid) if callable(values) else values)})
-            if state is not None:
-                contents[nid]["state"] = layers_to_arrays(state.delta)
+            if delta is not None:
+                contents[nid]["state"] = layers_to_arrays(delta)
         return ask(self.grid, self.nodes, kind, contents, group=kind, fail=_fail)
 
     def _asked(self, rnd: int, state: CollabState):
@@ -78,6 +81,25 @@ class FlowerExchange:
             return total
         got = self._ask("query.stats", self._asked(rnd, state), state)
         return sum_stats([_stats_of(r) for r in got.values()])
+
+    def layer_stats(self, rnd: int, keep: dict[str, list[int]], state: CollabState, step: int,
+                    below: dict[int, torch.Tensor]) -> LayerStats:
+        l = self.layout[0][step]
+        asked = self._asked(rnd, state)
+
+        def values(nid):
+            return {**asked(nid), "step": step, "layer_version": f"{state.version}+r{rnd + 1}l{step}"}
+
+        got = self._ask("query.layer", values, delta=add_layers(state.delta, below))
+        if not self.s.secagg:
+            return sum_stats([_stats_of(r) for r in got.values()])[l]
+        parts = [json.loads(str(r.config_records["collab"]["exponents"])) for r in got.values()]
+        n = sum(int(r.config_records["collab"]["n"]) for r in got.values())
+        exps = {k: max(int(p.get(k, NO_EXPONENT)) for p in parts) for k in parts[0]}
+        total, info = secure_sum(self.grid, self.context, self.nodes, rnd, values, ([l], {l: self.layout[1][l]}),
+                                 exps, n, self.s.secagg_shares, self.s.secagg_threshold)
+        self.secure_log.append({"method": "collabedit", "round": rnd + 1, "layer": l, **info})
+        return total[l]
 
     def updates(self, rnd: int, keep: dict[str, list[int]], state: CollabState):
         got = self._ask("query.delta", self._asked(rnd, state), state)

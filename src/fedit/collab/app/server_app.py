@@ -35,7 +35,7 @@ def _solver_and_layout(s: CollabSettings, lm=None, res=None):
     lm, hp = h["lm"], h["hp"]
     res = res or h["res"]
     C0 = res.second_moments(lm, hp.layers, hp.mom2_samples, hp.mom2_seq_len)
-    return (Solver(C0, hp.mom2_update_weight), (list(hp.layers), {l: lm.adapter.w_out_dims(l) for l in hp.layers}),
+    return (Solver(C0, hp.mom2_update_weight, list(hp.layers)), (list(hp.layers), {l: lm.adapter.w_out_dims(l) for l in hp.layers}),
             lm, hp)
 
 

@@ -52,5 +52,5 @@ def run_flower(s: CollabSettings, cfg: CollabConfig, lm, plan: dict[str, list[li
     report.update(config=cfg.to_dict(), hparams=dataclasses.asdict(hp), reference=None)
     if cfg.reference:
         say("global MEMIT reference, in this process")
-        attach_reference(report, global_reference(lm, plan, hp, res, cfg, say), deltas)
+        attach_reference(report, global_reference(lm, plan, hp, res, cfg, say), deltas, cfg.form)
     return report

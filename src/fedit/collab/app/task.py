@@ -8,12 +8,12 @@ engine keeps per node, so a deployment may serve every message in a new process.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 
 from fedit.collab.client import CollabClient, CollabError, ModelState
+from fedit.collab.config import for_form
 from fedit.collab.merge import solve
 from fedit.collab.secure import encode, exponents
 from fedit.collab.settings import CollabSettings, client_facts
@@ -37,7 +37,7 @@ def held(s: CollabSettings, lm=None) -> dict[str, Any]:
             torch.set_num_threads(s.threads)
         if lm is None:
             lm = load_model(s.model, device=s.device or None, dtype=s.dtype or None, cache_dir=s.cache_dir or None)
-        hp = dataclasses.replace(hparams_for("memit", lm, s.hparam_overrides(), s.hparams_file or None), form="base")
+        hp = for_form(hparams_for("memit", lm, s.hparam_overrides(), s.hparams_file or None), s.form)
         _HELD[key] = {"lm": lm, "model": ModelState(lm), "hp": hp,
                       "res": Resources(cache_dir=s.cache_dir or None, corpus=s.corpus or None)}
     return _HELD[key]
@@ -104,13 +104,39 @@ def own_update(c: CollabClient, rnd: int, keep: list[int]) -> tuple[int, dict[st
     return p.n, {f"d.{l}": v for l, v in solve(st, C0, hp.mom2_update_weight).items()}
 
 
-def secure_limbs(c: CollabClient, version: str, rnd: int, keep: list[int], exps: dict[str, int]) -> list:
-    """The prepared statistics as exact integer limbs for SecAgg+ (``collab.secure``)."""
+def _prepared(c: CollabClient, version: str, rnd: int, keep: list[int]):
     p = c.cached(version, rnd, keep)
     if p is None:
-        raise CollabError(f"secure sum for model state {version!r}, round {rnd + 1}, which this client has not "
-                          "prepared.", "send query.prepare before the secure sum.")
-    return encode(p.stats(), c.hp.layers, shapes(c), exps)
+        raise CollabError(f"model state {version!r}, round {rnd + 1}: this client has not prepared it.",
+                          "send query.prepare first.")
+    return p
+
+
+def secure_limbs(c: CollabClient, version: str, rnd: int, keep: list[int], exps: dict[str, int]) -> list:
+    """The prepared statistics as exact integer limbs for SecAgg+ (``collab.secure``)."""
+    return encode(_prepared(c, version, rnd, keep).stats(), c.hp.layers, shapes(c), exps)
+
+
+def layer_arrays(c: CollabClient, version: str, rnd: int, keep: list[int],
+                 step: int) -> tuple[int, dict[str, torch.Tensor], dict[str, int]]:
+    """Layer-sequential form: (facts, {"rk.<l>", "kk.<l>"} at edited layer ``step`` on the model as it
+    is, one exponent per tensor); the targets z are those prepared on model state ``version``."""
+    p = _prepared(c, version, rnd, keep)
+    l = c.hp.layers[step]
+    st = c.layer_stats(rnd, p, step)
+    stats = {l: st} if st is not None else {}
+    arrays = {f"rk.{l}": st.RK, f"kk.{l}": st.KK} if st is not None else {}
+    return p.n, arrays, exponents(stats, [l], {l: shapes(c)[l]})
+
+
+def secure_layer_limbs(c: CollabClient, step: int, n: int, arrays: dict[str, torch.Tensor],
+                       exps: dict[str, int]) -> list:
+    """The statistics ``layer_arrays`` gave for edited layer ``step``, as integer limbs for SecAgg+."""
+    from fedit.methods.vectors import LayerStats
+
+    l = c.hp.layers[step]
+    stats = {l: LayerStats(arrays[f"rk.{l}"].double(), arrays[f"kk.{l}"].double(), n)} if arrays else {}
+    return encode(stats, [l], {l: shapes(c)[l]}, exps)
 
 
 def evaluate(c: CollabClient, upto: int, applied: dict[int, list[int]]) -> dict[int, dict[str, Any]]:
