@@ -7,7 +7,7 @@ in-process run, ``rounds`` the round loop both engines run. The Flower apps are 
 ``fedit.collab.app`` (the only part that imports Flower).
 """
 
-from fedit.collab.client import CollabClient, CollabError, ModelState, Prepared, pool, summed
+from fedit.collab.client import CollabClient, CollabError, PublishedModel, Prepared, pool, summed
 from fedit.collab.config import CollabConfig
 from fedit.collab.driver import run_collab
 from fedit.collab.plan import PlanError, split_plan
@@ -19,7 +19,7 @@ from fedit.collab.protocol import (POLICIES, FactDigest, ProtocolError, Resoluti
 from fedit.collab.state import CollabState
 
 __all__ = ["MERGES", "POLICIES", "CollabClient", "CollabConfig", "CollabError", "CollabState", "FactDigest",
-           "MergeConfig", "MergeError", "ModelState", "PlanError", "Prepared", "ProtocolError", "Resolution",
+           "MergeConfig", "MergeError", "PublishedModel", "PlanError", "Prepared", "ProtocolError", "Resolution",
            "annotate", "average", "client_deltas", "collabedit", "digest", "digest_records", "fedavg", "merge",
            "normalise", "pool", "relation_of", "resolve", "round_entry", "run_collab", "solve", "split_plan",
            "sum_stats", "summed", "task_arithmetic", "ties"]

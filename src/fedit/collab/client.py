@@ -1,12 +1,12 @@
 """One organisation's side of CollabEdit, free of any federation engine.
 
 A client holds its facts per round and a model that carries the change the server published
-so far (``ModelState``). Per round it (1) sends digests of its facts (``protocol``), (2) edits
+so far (``PublishedModel``). Per round it (1) sends digests of its facts (``protocol``), (2) edits
 the facts the server lets it keep: optimises their targets and measures keys and residuals on
 the current model (base-form MEMIT, ``methods.vectors``), dropping facts whose residual has
 already vanished (the model already says them), (3) uploads the per-layer sums R Kᵀ and K Kᵀ
 (CollabEdit) or its own update Δᵢ (baselines), and (4) measures its own facts on the merged
-model. Several clients may share one ``ModelState`` (one model in memory), since all of them
+model. Several clients may share one ``PublishedModel`` (one model in memory), since all of them
 see the same published model.
 """
 
@@ -30,7 +30,7 @@ class CollabError(FeditError):
     """A collaborative run that cannot go on as asked."""
 
 
-class ModelState:
+class PublishedModel:
     """A model plus the published change it carries; ``set`` moves it to another state."""
 
     def __init__(self, lm):
@@ -79,13 +79,13 @@ class Prepared:
 class CollabClient:
     """A client with ``records[r]`` = its facts of round r (EvalRecords)."""
 
-    def __init__(self, client_id: str, state: ModelState, hparams, resources, records: list[list], salt: bytes,
+    def __init__(self, client_id: str, model: PublishedModel, hparams, resources, records: list[list], salt: bytes,
                  residual_tol: float = 1e-6, dataset: str = "counterfact"):
         if getattr(hparams, "form", "base") != "base":
             hparams = dataclasses.replace(hparams, form="base")
         if residual_tol < 0:
             raise CollabError(f"residual_tol must be ≥ 0, got {residual_tol}.", "use e.g. 1e-6.")
-        self.id, self.model, self.hp, self.res = client_id, state, hparams, resources
+        self.id, self.model, self.hp, self.res = client_id, model, hparams, resources
         self.records, self.salt, self.tol, self.dataset = records, salt, residual_tol, dataset
         self.kept: dict[int, list[int]] = {}  # round -> indices applied (after vanishing)
         self._cache: dict[tuple, Prepared] = {}

@@ -1,9 +1,9 @@
 """A plain in-process CollabEdit run: the server and every client in one process, on one model.
 
-All clients see the same published model, so one copy serves them all (``ModelState``). The
+All clients see the same published model, so one copy serves them all (``PublishedModel``). The
 round loop is ``collab.rounds`` (the Flower server runs the same one); here its questions are
 plain calls (``LocalExchange``). Several merge methods run on the same facts, and the clients'
-edit vectors are cached per model state, so methods share the first round's vectors. With
+edit vectors are cached per published model, so methods share the first round's vectors. With
 ``cfg.reference`` the run also edits all facts of rounds ≤ t at once from the base model
 (``collab.reference``): what CollabEdit must equal.
 """
@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from fedit.collab.client import CollabClient, ModelState
+from fedit.collab.client import CollabClient, PublishedModel
 from fedit.collab.config import CollabConfig, for_form
 from fedit.collab.merge import solve, sum_stats
 from fedit.collab.plan import PlanError, split_plan
@@ -33,7 +33,7 @@ __all__ = ["CollabConfig", "LocalExchange", "PlanError", "annotate", "attach_ref
 class LocalExchange:
     """The round loop's questions answered by ``CollabClient`` objects in this process."""
 
-    def __init__(self, clients: list[CollabClient], model: ModelState, solver: Solver):
+    def __init__(self, clients: list[CollabClient], model: PublishedModel, solver: Solver):
         self.clients, self.model, self.solver = clients, model, solver
         self._prepared: dict[str, Any] = {}
 
@@ -83,8 +83,8 @@ def run_collab(lm, plan: dict[str, list[list]], hparams, resources, cfg: CollabC
                         "give every client one list of facts per round.")
     R = rounds.pop()
     hp = for_form(hparams, cfg.form)
-    state = ModelState(lm)
-    clients = [CollabClient(c, state, hp, resources, recs, cfg.salt, cfg.residual_tol, cfg.dataset)
+    published = PublishedModel(lm)
+    clients = [CollabClient(c, published, hp, resources, recs, cfg.salt, cfg.residual_tol, cfg.dataset)
                for c, recs in plan.items()]
     try:
         say("measuring every fact on the base model")
@@ -96,9 +96,9 @@ def run_collab(lm, plan: dict[str, list[list]], hparams, resources, cfg: CollabC
         if cfg.reference:
             reference = reference_rounds(lm, clients, resolutions_for(clients, R, cfg), hp, resources, solver.C0,
                                          cfg, say)
-        done = run_merges(LocalExchange(clients, state, solver), R, cfg, solver, say)
+        done = run_merges(LocalExchange(clients, published, solver), R, cfg, solver, say)
     finally:
-        state.reset()
+        published.reset()
     report = summary("local", list(plan), R, cfg.merges, [r.to_dict() for r in done["resolutions"]], done["runs"])
     report["resolution"] = [annotate(r, plan, t) for t, r in enumerate(report["resolution"])]
     report.update(model=lm.name, dataset=cfg.dataset, per_client=[len(plan[c][0]) for c in plan][0] if plan else 0,

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from fedit.collab.client import CollabClient, ModelState, pool
+from fedit.collab.client import CollabClient, PublishedModel, pool
 from fedit.collab.config import CollabConfig, for_form
 from fedit.collab.merge import MergeConfig, MergeError, merge
 from fedit.collab.protocol import Resolution, resolve
@@ -47,8 +47,8 @@ def global_reference(lm, plan: dict[str, list[list]], hparams, resources, cfg: C
     """
     say = progress or (lambda s: log.info(s))
     hp = for_form(hparams, cfg.form)
-    state = ModelState(lm)
-    clients = [CollabClient(c, state, hp, resources, recs, cfg.salt, cfg.residual_tol, cfg.dataset)
+    published = PublishedModel(lm)
+    clients = [CollabClient(c, published, hp, resources, recs, cfg.salt, cfg.residual_tol, cfg.dataset)
                for c, recs in plan.items()]
     try:
         for c in clients:
@@ -57,7 +57,7 @@ def global_reference(lm, plan: dict[str, list[list]], hparams, resources, cfg: C
         R = len(next(iter(plan.values())))
         return reference_rounds(lm, clients, resolutions_for(clients, R, cfg), hp, resources, C0, cfg, say)
     finally:
-        state.reset()
+        published.reset()
 
 
 def reference_rounds(lm, clients: list[CollabClient], resolutions: list[Resolution], hp, res, C0, cfg: CollabConfig,
@@ -66,7 +66,7 @@ def reference_rounds(lm, clients: list[CollabClient], resolutions: list[Resoluti
 
     Returns {"deltas": [base-form Δ per round], "report": {"rounds": [entry per round]}}; the
     model is at its base weights on return."""
-    state = clients[0].model
+    published = clients[0].model
     deltas, layerwise, entries = [], [], []
     try:
         for t in range(len(resolutions)):
@@ -79,7 +79,7 @@ def reference_rounds(lm, clients: list[CollabClient], resolutions: list[Resoluti
                 layerwise.append(lw_delta)
             entries.append(entry)
     finally:
-        state.reset()
+        published.reset()
         for c in clients:
             c.kept.clear()
     return {"deltas": deltas, "layerwise_deltas": layerwise, "report": {"rounds": entries}}
@@ -87,8 +87,8 @@ def reference_rounds(lm, clients: list[CollabClient], resolutions: list[Resoluti
 
 def _base_form(lm, clients, resolutions, t: int, hp, C0):
     """(Δ, report entry, requests, z) of the base-form solve over rounds ≤ t, measured and scored."""
-    state = clients[0].model
-    state.reset()
+    published = clients[0].model
+    published.reset()
     t0 = time.perf_counter()
     preps = {c.id: [c.prepare(s, resolutions[s].keep[c.id]) for s in range(t + 1)] for c in clients}
     try:
@@ -106,12 +106,12 @@ def _base_form(lm, clients, resolutions, t: int, hp, C0):
     zs = EditVectors.cat([p.vectors for _, _, p in vecs]).zs if vecs else None
     if zs is not None:
         entry["residual_before"] = _residual(lm, reqs, zs, hp.layers[-1])
-    state.set(f"reference@{t + 1}", delta)
+    published.set(f"reference@{t + 1}", delta)
     entry["base"] = _pooled(clients, t)
     if zs is not None:
         entry["base_residual_after"] = _residual(lm, reqs, zs, hp.layers[-1])
     entry["seconds_base"] = round(time.perf_counter() - t0, 3)
-    state.reset()
+    published.reset()
     return delta, entry, reqs, zs
 
 

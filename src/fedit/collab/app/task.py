@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fedit.collab.client import CollabClient, CollabError, ModelState
+from fedit.collab.client import CollabClient, CollabError, PublishedModel
 from fedit.collab.config import for_form
 from fedit.collab.merge import solve
 from fedit.collab.secure import encode, exponents
@@ -27,7 +27,7 @@ def settings_for(run_config: dict[str, Any], given: CollabSettings | None) -> Co
 
 
 def held(s: CollabSettings, lm=None) -> dict[str, Any]:
-    """This process's model for the run (loaded once): {"lm", "model" (ModelState), "hp", "res"}."""
+    """This process's model for the run (loaded once): {"lm", "model" (PublishedModel), "hp", "res"}."""
     key = (s.model, s.device, s.dtype, s.cache_dir, s.corpus, s.overrides, s.hparams_file)
     if key not in _HELD:
         from fedit.methods import Resources, hparams_for
@@ -38,7 +38,7 @@ def held(s: CollabSettings, lm=None) -> dict[str, Any]:
         if lm is None:
             lm = load_model(s.model, device=s.device or None, dtype=s.dtype or None, cache_dir=s.cache_dir or None)
         hp = for_form(hparams_for("memit", lm, s.hparam_overrides(), s.hparams_file or None), s.form)
-        _HELD[key] = {"lm": lm, "model": ModelState(lm), "hp": hp,
+        _HELD[key] = {"lm": lm, "model": PublishedModel(lm), "hp": hp,
                       "res": Resources(cache_dir=s.cache_dir or None, corpus=s.corpus or None)}
     return _HELD[key]
 
