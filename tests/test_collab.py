@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedit import hparams_for
-from fedit.collab import (CollabClient, CollabConfig, CollabState, FactDigest, MergeConfig, MergeError, ModelState,
+from fedit.collab import (CollabClient, CollabConfig, CollabState, FactDigest, MergeConfig, MergeError, PublishedModel,
                           PlanError, ProtocolError, average, collabedit, digest, digest_records, fedavg, merge,
                           relation_of, resolve, run_collab, solve, split_plan, task_arithmetic, ties)
 from fedit.data.loaders import load_records
@@ -30,7 +30,7 @@ def test_collabedit_merge_equals_global_base_memit_on_the_union(arch, tiny_cache
     # Each client measures its own facts on the shared base model and ships only RKᵀ, KKᵀ.
     stats = [sufficient_stats(compute_vectors(lm, p, hp, res)[0]) for p in parts]
     C0 = res.second_moments(lm, hp.layers, hp.mom2_samples, hp.mom2_seq_len)
-    merged = ModelState(lm).weight_deltas(collabedit(stats, C0, hp.mom2_update_weight))
+    merged = PublishedModel(lm).weight_deltas(collabedit(stats, C0, hp.mom2_update_weight))
     # Global MEMIT (base form) over the union, computed from scratch in one batch.
     ref = compute_memit_base(lm, [EIFFEL, JORDAN, DARRIEUX], hp, res).deltas
     assert set(merged.deltas) == set(ref.deltas)
@@ -214,7 +214,7 @@ def test_a_vanished_residual_is_not_edited(tiny_cache):
     lm = tiny_model("gpt2")
     hp = hparams_for("memit", lm, {**OVER, "nll_stop": 1e9})  # the model "already says" every target
     recs = load_records("counterfact", n=2)
-    c = CollabClient("c0", ModelState(lm), hp, resources(tiny_cache), [recs], SALT)
+    c = CollabClient("c0", PublishedModel(lm), hp, resources(tiny_cache), [recs], SALT)
     p = c.prepare(0, [0, 1])
     assert p.used == [] and p.vanished == [0, 1] and p.stats() == {}
 

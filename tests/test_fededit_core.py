@@ -80,9 +80,9 @@ def test_reuse_refuses_bad_payloads(tiny_cache):
     with pytest.raises(FedError, match="NaN"):
         b.reuse(0, bad)
     with pytest.raises(FedError, match="dimension"):
-        b.reuse(0, MKVBatch(torch.zeros(1, 5), [{}], [{"fact": "x", "base": b.base}]))
+        b.reuse(0, MKVBatch(torch.zeros(1, 5), [{}], [{"fact": "x", "fingerprint": b.fingerprint}]))
     with pytest.raises(FedError, match="base model"):
-        b.reuse(0, MKVBatch(up.vectors, up.payloads, [{"fact": "f0", "base": "other"}]))
+        b.reuse(0, MKVBatch(up.vectors, up.payloads, [{"fact": "f0", "fingerprint": "other"}]))
     assert b.vectors is None and b.current_deltas() == {}  # nothing was taken
     with pytest.raises(FedError, match="one row per fact"):
         MKVBatch.from_arrays({"mkv": torch.zeros(2, 4)}, [{}])
@@ -130,7 +130,7 @@ def test_pmet_clients_share_vectors_and_alphaedit_needs_paper_mode(tiny_cache):
     lm_a, lm_b = tiny_model("gpt2"), tiny_model("gpt2")
     a = FedEditClient("a", lm_a, hparams_for("pmet", lm_a, over), resources(tiny_cache), method="pmet")
     b = FedEditClient("b", lm_b, hparams_for("pmet", lm_b, over), resources(tiny_cache), method="pmet")
-    b.reuse(0, MKVBatch.from_arrays(a.local_edit(0, [EIFFEL], ["f0"]).to_arrays(), [{"fact": "f0", "base": a.base}]))
+    b.reuse(0, MKVBatch.from_arrays(a.local_edit(0, [EIFFEL], ["f0"]).to_arrays(), [{"fact": "f0", "fingerprint": a.fingerprint}]))
     da, db = a.current_deltas(), b.current_deltas()
     assert da and all(torch.allclose(da[n], db[n], atol=1e-5 * float(da[n].abs().max())) for n in da)
     ae = hparams_for("alphaedit", lm_a, over)

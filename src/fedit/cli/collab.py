@@ -11,7 +11,6 @@ runs the same protocol in this process, sharing edit vectors between merge metho
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 
@@ -53,6 +52,8 @@ def register(sub, common, _unused=None) -> None:
     r.add_argument("--c1-weight", type=float, default=1.0, help="C₁ += w·KKᵀ (1: equals the global solve)")
     r.add_argument("--residual-tol", type=float, default=1e-6,
                    help="a fact whose ‖z − h‖/‖h‖ is at most this is already said by the model and not edited")
+    r.add_argument("--form", default="base", choices=["base", "layerwise"],
+                   help="CollabEdit's exchange: base (one per round, the paper's) or layerwise (one per edited layer)")
     r.add_argument("--engine", default="flower", choices=ENGINES)
     r.add_argument("--secagg", action="store_true", help="flower engine: sum CollabEdit's statistics with SecAgg+")
     r.add_argument("--no-reference", action="store_true", help="skip global MEMIT over the union (the reference)")
@@ -88,7 +89,7 @@ def run(args, load, layers) -> int:
                        ties_density=args.ties_density, ties_scale=args.ties_scale, c1=not args.no_c1,
                        c1_weight=args.c1_weight, residual_tol=args.residual_tol, reference=not args.no_reference,
                        layerwise_reference=not args.no_layerwise_reference,
-                       dataset="zsre" if args.dataset == "zsre" else "counterfact")
+                       dataset="zsre" if args.dataset == "zsre" else "counterfact", form=args.form)
     if args.priority and cfg.conflict_policy != "priority":
         raise FeditError("--priority is only used with --conflict-policy priority.", "add --conflict-policy priority.")
     if args.secagg and args.engine != "flower":
@@ -135,32 +136,19 @@ def run(args, load, layers) -> int:
 
 
 def _run_flower(args, lm, plan, hp, res, cfg, overrides, say):
-    from fedit.collab.driver import annotate, attach_reference, global_reference
-    from fedit.federation.collab_flower import (
-        CollabClientSettings,
-        CollabServerSettings,
-        run_flower_simulation,
-    )
+    import json
 
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    model = args.model or lm.name
-    client = CollabClientSettings(model=model, plan=plan, salt=cfg.salt, device=args.device, dtype=args.dtype,
-                                  cache_dir=args.cache_dir, corpus=args.corpus, threads=args.threads,
-                                  overrides={k: v for k, v in overrides.items() if v is not None},
-                                  hparams_file=args.hparams, residual_tol=cfg.residual_tol, dataset=cfg.dataset)
-    server = CollabServerSettings(clients=len(plan), rounds=args.rounds, layers=hp.layers,
-                                  shapes={l: lm.adapter.w_out_dims(l) for l in hp.layers}, lam=hp.mom2_update_weight,
-                                  moments=lambda: res.second_moments(lm, hp.layers, hp.mom2_samples, hp.mom2_seq_len),
-                                  merges=cfg.merges, conflict_policy=cfg.conflict_policy, priority=cfg.priority,
-                                  ties_density=cfg.ties_density, ties_scale=cfg.ties_scale, c1=cfg.c1,
-                                  c1_weight=cfg.c1_weight, secagg=args.secagg)
-    say(f"Flower simulation: {len(plan)} client nodes{' with SecAgg+' if args.secagg else ''}")
-    report = run_flower_simulation(client, server)
-    deltas = {m: r.pop("_deltas") for m, r in report["runs"].items()}
-    report["resolution"] = [annotate(r, plan, t) for t, r in enumerate(report["resolution"])]
-    report.update(config=cfg.to_dict(), hparams=dataclasses.asdict(hp), reference=None)
-    if cfg.reference:
-        say("global MEMIT reference, in this process")
-        attach_reference(report, global_reference(lm, plan, hp, res, cfg, say), deltas)
-    return report
+    from fedit.collab.app.simulation import run_flower
+    from fedit.collab.settings import CollabSettings
+
+    over = {k: v for k, v in overrides.items() if v is not None}
+    s = CollabSettings(model=args.model or lm.name, device=args.device or "", dtype=args.dtype or "",
+                       cache_dir=args.cache_dir or "", corpus=args.corpus or "", threads=args.threads or 0,
+                       overrides=json.dumps(over) if over else "", hparams_file=args.hparams or "",
+                       dataset=args.dataset, data=args.data or "", clients=args.clients, rounds=args.rounds,
+                       per_client=args.per_client, overlap=args.overlap, conflict=args.conflict, seed=args.seed,
+                       merge=",".join(cfg.merges), conflict_policy=cfg.conflict_policy,
+                       priority=",".join(cfg.priority or []), ties_density=cfg.ties_density,
+                       ties_scale=cfg.ties_scale, c1=cfg.c1, c1_weight=cfg.c1_weight, residual_tol=cfg.residual_tol,
+                       secagg=args.secagg, form=cfg.form)
+    return run_flower(s, cfg, lm, plan, hp, res, say)

@@ -1,12 +1,12 @@
 """One organisation's side of CollabEdit, free of any federation engine.
 
 A client holds its facts per round and a model that carries the change the server published
-so far (``ModelState``). Per round it (1) sends digests of its facts (``protocol``), (2) edits
+so far (``PublishedModel``). Per round it (1) sends digests of its facts (``protocol``), (2) edits
 the facts the server lets it keep: optimises their targets and measures keys and residuals on
 the current model (base-form MEMIT, ``methods.vectors``), dropping facts whose residual has
 already vanished (the model already says them), (3) uploads the per-layer sums R Kᵀ and K Kᵀ
 (CollabEdit) or its own update Δᵢ (baselines), and (4) measures its own facts on the merged
-model. Several clients may share one ``ModelState`` (one model in memory), since all of them
+model. Several clients may share one ``PublishedModel`` (one model in memory), since all of them
 see the same published model.
 """
 
@@ -30,7 +30,7 @@ class CollabError(FeditError):
     """A collaborative run that cannot go on as asked."""
 
 
-class ModelState:
+class PublishedModel:
     """A model plus the published change it carries; ``set`` moves it to another state."""
 
     def __init__(self, lm):
@@ -79,13 +79,13 @@ class Prepared:
 class CollabClient:
     """A client with ``records[r]`` = its facts of round r (EvalRecords)."""
 
-    def __init__(self, client_id: str, state: ModelState, hparams, resources, records: list[list], salt: bytes,
+    def __init__(self, client_id: str, model: PublishedModel, hparams, resources, records: list[list], salt: bytes,
                  residual_tol: float = 1e-6, dataset: str = "counterfact"):
         if getattr(hparams, "form", "base") != "base":
             hparams = dataclasses.replace(hparams, form="base")
         if residual_tol < 0:
             raise CollabError(f"residual_tol must be ≥ 0, got {residual_tol}.", "use e.g. 1e-6.")
-        self.id, self.model, self.hp, self.res = client_id, state, hparams, resources
+        self.id, self.model, self.hp, self.res = client_id, model, hparams, resources
         self.records, self.salt, self.tol, self.dataset = records, salt, residual_tol, dataset
         self.kept: dict[int, list[int]] = {}  # round -> indices applied (after vanishing)
         self._cache: dict[tuple, Prepared] = {}
@@ -129,6 +129,50 @@ class CollabClient:
     def forget_cache(self) -> None:
         self._cache.clear()
 
+    def cached(self, version: str, rnd: int, keep: list[int]) -> Prepared | None:
+        """The edit of round ``rnd`` prepared on model state ``version``, if there is one."""
+        return self._cache.get((version, rnd, tuple(keep)))
+
+    def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What must survive between messages (an engine may serve each in a new process):
+        the prepared edits (tensors) and the pre-edit scores (JSON-able)."""
+        arrays: dict[str, torch.Tensor] = {}
+        prepared = []
+        for i, ((version, rnd, keep), p) in enumerate(self._cache.items()):
+            if p.vectors is not None:
+                arrays.update({f"p{i}.{k}": v for k, v in _vector_tensors(p.vectors).items()})
+            prepared.append({"version": version, "round": rnd, "keep": list(keep), "used": p.used,
+                             "vanished": p.vanished, "seconds": p.seconds, "targets": p.targets,
+                             "vectors": p.vectors is not None,
+                             "fingerprint": p.vectors.base if p.vectors is not None else ""})
+        return arrays, {"prepared": prepared, "pre": {str(r): v for r, v in self._pre.items()}}
+
+    def restore(self, arrays: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Take back what ``export`` returned."""
+        self._pre = {int(r): [_int_keys(x) for x in v] for r, v in meta.get("pre", {}).items()}
+        self._cache = {}
+        for i, e in enumerate(meta.get("prepared", [])):
+            vec = _vectors_from({k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"p{i}.")},
+                                e["fingerprint"]) if e["vectors"] else None
+            self._cache[(e["version"], int(e["round"]), tuple(e["keep"]))] = Prepared(
+                e["version"], list(e["used"]), list(e["vanished"]), vec, float(e["seconds"]), list(e["targets"]))
+
+    def layer_stats(self, rnd: int, prepared: Prepared, step: int) -> LayerStats | None:
+        """Layer-sequential form: this client's statistics at edited layer ``step`` on the model as
+        it is (None without facts), with the targets z of ``prepared``."""
+        from fedit.collab.layerwise import layer_stats
+
+        if not prepared.n:
+            return None
+        recs = self.round_records(rnd)
+        groups = self.res.templates(self.model.lm, self.hp.context_template_length_params)
+        return layer_stats(self.model.lm, [recs[i].request for i in prepared.used], prepared.vectors.zs,
+                           self.hp.layers, step, groups, self.hp.pullback_steps)
+
+    @property
+    def has_pre_scores(self) -> bool:
+        return len(self._pre) == len(self.records)
+
     def accept(self, rnd: int, prepared: Prepared) -> None:
         """Remember which facts of round ``rnd`` are now on the model (for evaluation)."""
         self.kept[rnd] = list(prepared.used)
@@ -163,6 +207,20 @@ class CollabClient:
         if rnd not in self._pre:
             raise CollabError(f"client {self.id} has no pre-edit scores.", "call pre_scores() on the base model first.")
         return [self._pre[rnd][i] for i in idx]
+
+
+def _vector_tensors(v: EditVectors) -> dict[str, torch.Tensor]:
+    return {"z": v.zs, **{f"key.{l}": k for l, k in v.keys.items()}, **{f"resid.{l}": r for l, r in v.resids.items()}}
+
+
+def _vectors_from(t: dict[str, torch.Tensor], base: str) -> EditVectors:
+    layers = sorted(int(k.split(".")[1]) for k in t if k.startswith("key."))
+    return EditVectors(t["z"], {l: t[f"key.{l}"] for l in layers}, {l: t[f"resid.{l}"] for l in layers}, base)
+
+
+def _int_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """A measurement after JSON: its probe indices are numbers again."""
+    return {g: {int(i): s for i, s in probes.items()} for g, probes in raw.items()}
 
 
 def summed(per: list[dict[str, float]]) -> dict[str, Any]:

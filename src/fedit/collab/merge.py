@@ -6,7 +6,7 @@ caller's business.
 
 ``collabedit``
     Δ = (Σᵢ RᵢKᵢᵀ)(λC₀ + C₁ + Σᵢ KᵢKᵢᵀ)⁻¹ from the summed sufficient statistics: exactly the
-    base-form MEMIT solve over the union of the clients' facts (DESIGN §6).
+    base-form MEMIT solve over the union of the clients' facts.
 ``task-arithmetic``
     ΣᵢΔᵢ, each Δᵢ = RᵢKᵢᵀ(λC₀ + KᵢKᵢᵀ)⁻¹ the client's own MEMIT update from the same model.
 ``average``
@@ -160,6 +160,19 @@ def client_deltas(client_stats: list[Stats], C0: dict[int, torch.Tensor], lam: f
     return [solve(s, C0, lam) if s else {} for s in client_stats]
 
 
+def merge_updates(cfg: MergeConfig, deltas: list[Delta], counts: list[float]) -> Delta:
+    """A baseline's merge of the clients' own updates ``deltas`` (``counts``: their edits, FedAvg's weights)."""
+    if cfg.method == "task-arithmetic":
+        return task_arithmetic(deltas)
+    if cfg.method == "average":
+        return average(deltas)
+    if cfg.method == "fedavg":
+        return fedavg(deltas, [float(c) for c in counts])
+    if cfg.method == "ties":
+        return ties(deltas, cfg.ties_density, cfg.ties_scale)
+    raise MergeError(f"{cfg.method} does not merge updates.", "use collabedit() for the statistics merge.")
+
+
 def merge(cfg: MergeConfig, client_stats: list[Stats], C0: dict[int, torch.Tensor], lam: float,
           C1: dict[int, torch.Tensor] | None = None, deltas: list[Delta] | None = None) -> Delta:
     """The merged update of ``cfg.method`` from the clients' statistics.
@@ -172,11 +185,5 @@ def merge(cfg: MergeConfig, client_stats: list[Stats], C0: dict[int, torch.Tenso
         return collabedit(client_stats, C0, lam, C1)
     if deltas is None:
         deltas = client_deltas(client_stats, C0, lam)
-    if cfg.method == "task-arithmetic":
-        return task_arithmetic(deltas)
-    if cfg.method == "average":
-        return average(deltas)
-    if cfg.method == "fedavg":
-        counts = [float(next(iter(s.values())).n) if s else 0.0 for s in client_stats]
-        return fedavg(deltas, counts)
-    return ties(deltas, cfg.ties_density, cfg.ties_scale)
+    counts = [float(next(iter(s.values())).n) if s else 0.0 for s in client_stats]
+    return merge_updates(cfg, deltas, counts)

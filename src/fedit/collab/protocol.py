@@ -122,34 +122,12 @@ def resolve(submissions: dict[str, list[FactDigest]], policy: str = "reject", pr
     applied edit's keys stay in C₁ and keep their outputs, so a later round cannot overwrite
     them with a plain edit.
     """
-    if policy not in POLICIES:
-        raise ProtocolError(f"unknown conflict policy {policy!r}.", f"use one of {', '.join(POLICIES)}.")
     order = list(submissions)
-    if policy == "priority":
-        if not priority:
-            raise ProtocolError("the 'priority' policy needs an ordered list of clients.",
-                                f"pass it, e.g. --priority {','.join(order[:3])}.")
-        unknown = [c for c in priority if c not in submissions]
-        if unknown:
-            raise ProtocolError(f"the priority list names unknown clients {unknown}.", f"use ids among {order}.")
-    rank = {c: i for i, c in enumerate(order)}
-    if policy == "priority":
-        listed = {c: i for i, c in enumerate(priority)}
-        rank = {c: (listed.get(c, len(listed)), i) for i, c in enumerate(order)}
+    rank = _ranks(order, policy, priority)
     applied = applied or {}
-
-    groups: dict[str, list[tuple[str, int, str]]] = {}  # key -> [(client, index, target digest)]
-    for c in order:
-        for i, d in enumerate(submissions[c]):
-            if not isinstance(d, FactDigest):
-                raise ProtocolError(f"client {c} sent a malformed digest at position {i}.",
-                                    "send (key, target) hex digests from fedit.collab.protocol.digest.")
-            groups.setdefault(d.key, []).append((c, i, d.target))
-
     keep: dict[str, list[int]] = {c: [] for c in order}
-    duplicates: list[dict] = []
-    conflicts: list[dict] = []
-    for key, facts in groups.items():
+    res = Resolution(keep=keep)
+    for key, facts in _groups(submissions).items():
         facts.sort(key=lambda f: (rank[f[0]], f[1]))
         targets: dict[str, list[tuple[str, int]]] = {}
         for c, i, t in facts:
@@ -157,46 +135,78 @@ def resolve(submissions: dict[str, list[FactDigest]], policy: str = "reject", pr
         by_target = [{"target": _short(t), "clients": sorted({c for c, _ in fs}, key=order.index),
                       "facts": [[c, i] for c, i in fs]} for t, fs in targets.items()]
         if key in applied:
-            t0, rnd = applied[key]
-            same = targets.get(t0, [])
-            other = [f for t, fs in targets.items() if t != t0 for f in fs]
-            if same:
-                duplicates.append({"key": _short(key), "kept": None, "dropped": [[c, i] for c, i in same],
-                                   "kind": f"applied in round {rnd}"})
-            if other:
-                conflicts.append({"key": _short(key), "targets": [b for b in by_target if b["target"] != _short(t0)],
-                                  "applied_target": _short(t0), "applied_round": rnd, "policy": policy,
-                                  "resolution": f"rejected: the fact was applied with another target in round {rnd}",
-                                  "kept": None, "rejected": [[c, i] for c, i in other]})
+            _against_applied(res, key, applied[key], targets, by_target, policy)
             continue
-        winner: str | None
-        if len(targets) == 1:
-            winner = next(iter(targets))
-            resolution = None
-        elif policy == "reject":
-            winner, resolution = None, "rejected: the clients disagree"
-        elif policy in ("first", "priority"):
-            winner = facts[0][2]  # facts are sorted by rank
-            resolution = f"{policy}: kept the target of {facts[0][0]}"
-        else:  # majority
-            support = {t: len({c for c, _ in fs}) for t, fs in targets.items()}
-            best = max(support.values())
-            tops = [t for t, s in support.items() if s == best]
-            if len(tops) > 1:
-                winner, resolution = None, f"rejected: tie at {best} client(s) each"
-            else:
-                winner = tops[0]
-                resolution = f"majority: kept the target sent by {best} of {len({c for c, _, _ in facts})} clients"
+        winner, resolution = _winner(facts, targets, policy)
         kept = targets[winner][0] if winner is not None else None
         if kept is not None:
             keep[kept[0]].append(kept[1])
             copies = [[c, i] for c, i in targets[winner][1:]]
             if copies:
-                duplicates.append({"key": _short(key), "kept": list(kept), "dropped": copies, "kind": "same round"})
+                res.duplicates.append({"key": _short(key), "kept": list(kept), "dropped": copies, "kind": "same round"})
         if resolution is not None:
             rejected = [[c, i] for t, fs in targets.items() if t != winner for c, i in fs]
-            conflicts.append({"key": _short(key), "targets": by_target, "policy": policy, "resolution": resolution,
-                              "kept": list(kept) if kept else None, "rejected": rejected})
+            res.conflicts.append({"key": _short(key), "targets": by_target, "policy": policy,
+                                  "resolution": resolution, "kept": list(kept) if kept else None, "rejected": rejected})
     for c in keep:
         keep[c].sort()
-    return Resolution(keep=keep, duplicates=duplicates, conflicts=conflicts)
+    return res
+
+
+def _ranks(order: list[str], policy: str, priority: list[str] | None) -> dict[str, Any]:
+    """Each client's rank under ``policy`` (lower wins "first" and "priority")."""
+    if policy not in POLICIES:
+        raise ProtocolError(f"unknown conflict policy {policy!r}.", f"use one of {', '.join(POLICIES)}.")
+    if policy != "priority":
+        return {c: i for i, c in enumerate(order)}
+    if not priority:
+        raise ProtocolError("the 'priority' policy needs an ordered list of clients.",
+                            f"pass it, e.g. --priority {','.join(order[:3])}.")
+    unknown = [c for c in priority if c not in order]
+    if unknown:
+        raise ProtocolError(f"the priority list names unknown clients {unknown}.", f"use ids among {order}.")
+    listed = {c: i for i, c in enumerate(priority)}
+    return {c: (listed.get(c, len(listed)), i) for i, c in enumerate(order)}
+
+
+def _groups(submissions: dict[str, list[FactDigest]]) -> dict[str, list[tuple[str, int, str]]]:
+    """key -> [(client, index, target digest)] over every client's submissions."""
+    groups: dict[str, list[tuple[str, int, str]]] = {}
+    for c, digests in submissions.items():
+        for i, d in enumerate(digests):
+            if not isinstance(d, FactDigest):
+                raise ProtocolError(f"client {c} sent a malformed digest at position {i}.",
+                                    "send (key, target) hex digests from fedit.collab.protocol.digest.")
+            groups.setdefault(d.key, []).append((c, i, d.target))
+    return groups
+
+
+def _against_applied(res: Resolution, key: str, applied: tuple[str, int], targets, by_target, policy: str) -> None:
+    """A key applied in an earlier round: the same target is a duplicate, another a rejected conflict."""
+    t0, rnd = applied
+    same = targets.get(t0, [])
+    other = [f for t, fs in targets.items() if t != t0 for f in fs]
+    if same:
+        res.duplicates.append({"key": _short(key), "kept": None, "dropped": [[c, i] for c, i in same],
+                               "kind": f"applied in round {rnd}"})
+    if other:
+        res.conflicts.append({"key": _short(key), "targets": [b for b in by_target if b["target"] != _short(t0)],
+                              "applied_target": _short(t0), "applied_round": rnd, "policy": policy,
+                              "resolution": f"rejected: the fact was applied with another target in round {rnd}",
+                              "kept": None, "rejected": [[c, i] for c, i in other]})
+
+
+def _winner(facts: list[tuple[str, int, str]], targets: dict[str, list], policy: str) -> tuple[str | None, str | None]:
+    """(winning target digest or None, the conflict's resolution text or None when no conflict)."""
+    if len(targets) == 1:
+        return next(iter(targets)), None
+    if policy == "reject":
+        return None, "rejected: the clients disagree"
+    if policy in ("first", "priority"):
+        return facts[0][2], f"{policy}: kept the target of {facts[0][0]}"  # facts are sorted by rank
+    support = {t: len({c for c, _ in fs}) for t, fs in targets.items()}  # majority
+    best = max(support.values())
+    tops = [t for t, n in support.items() if n == best]
+    if len(tops) > 1:
+        return None, f"rejected: tie at {best} client(s) each"
+    return tops[0], f"majority: kept the target sent by {best} of {len({c for c, _, _ in facts})} clients"

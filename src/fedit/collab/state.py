@@ -1,6 +1,6 @@
 """The server's state across rounds: the published model change, C₁, and the facts applied.
 
-Multi-round CollabEdit (DESIGN §6, "forgetting"): after round t the server adds the applied
+Multi-round CollabEdit ("forgetting"): after round t the server adds the applied
 facts' key covariance to a running C₁ and solves round t+1 with λC₀ + C₁. With
 
     C₁ = Σ_{s ≤ t} K_s K_sᵀ        (``c1_weight`` = 1, the default)
@@ -8,7 +8,7 @@ facts' key covariance to a running C₁ and solves round t+1 with λC₀ + C₁.
 round t+1's solve is recursive least squares: for one linear layer whose keys do not move,
 Δ₁ + … + Δ_{t+1} equals the single global solve R Kᵀ(λC₀ + K Kᵀ)⁻¹ over all rounds' facts
 (R measured on the base model), because each round's residual R_{t+1} = V − (W₀ + ΣΔ)K is
-measured on the model that carries the earlier rounds. DESIGN writes ``C₁ += λ K Kᵀ``; that
+measured on the model that carries the earlier rounds. The CollabEdit paper writes ``C₁ += λ K Kᵀ``; that
 weighs earlier edits λ times more than a new one (λ = 10⁴ typically), pinning them harder than
 the global solve does. ``c1_weight`` = λ gives that variant; we default to 1 because only it
 reproduces the global edit. In a real model the identity is approximate: a later round's keys
@@ -44,3 +44,8 @@ class CollabState:
         for key, target in facts.items():
             self.applied.setdefault(key, (target, self.round))
         self.version = version or f"round-{self.round}"
+
+
+def add_layers(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per-layer sum of two updates (a layer missing from one counts as zero)."""
+    return {l: a.get(l, 0) + b.get(l, 0) for l in sorted(set(a) | set(b))}

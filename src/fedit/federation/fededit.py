@@ -1,4 +1,4 @@
-"""FedEdit (FLEKE, DESIGN §5): the client and server roles, free of any federation engine.
+"""FedEdit (FLEKE): the client and server roles, free of any federation engine.
 
 A client edits its own requests slot by slot, uploads one mediator knowledge vector (MKV, the
 target z of MEMIT) per fact, and re-edits with the other clients' MKVs the server finds
@@ -37,7 +37,7 @@ import torch
 from fedit.core import activations
 from fedit.deltas import AppliedEdit, WeightDeltas
 from fedit.errors import FeditError
-from fedit.methods import Resources, get_method
+from fedit.methods import Resources, get_method, names
 from fedit.methods.vectors import (
     EditVectors,
     VectorError,
@@ -52,8 +52,6 @@ MODES = ("private", "paper")
 # What the server compares: "z" (the MKV itself, as the paper) or "delta" (z − h, the edit's
 # direction: on models whose residual stream has a dominant direction, all z look alike).
 MATCH = ("z", "delta")
-# Methods whose every layer is MEMIT's plain solve: their edit vectors rebuild the update.
-PRIVATE_METHODS = ("memit", "pmet")
 
 
 class FedError(FeditError):
@@ -66,7 +64,7 @@ class MKVBatch:
 
     vectors: torch.Tensor  # [n, d_model] z
     payloads: list[dict[str, torch.Tensor]]  # per fact: key.<l>, resid.<l> (private) or {} (paper)
-    meta: list[dict[str, Any]]  # per fact: {"fact": id, "base": fingerprint, ["request": {...}]}
+    meta: list[dict[str, Any]]  # per fact: {"fact": id, "fingerprint": base model's, ["request": {...}]}
     owner: str = ""
 
     def __len__(self) -> int:
@@ -127,15 +125,15 @@ class FedEditClient:
         self.res = resources or Resources()
         self.share_requests = share_requests
         self.method = get_method(method)
-        if mode == "private" and self.method.name not in PRIVATE_METHODS:
+        if mode == "private" and not self.method.private_mkvs:
             raise FedError(f"{self.method.name} cannot run in private mode: its update is not a plain solve of "
                            "per-fact vectors, so other clients could not rebuild it.",
-                           f"use one of {PRIVATE_METHODS}, or --mode paper --share-requests.")
+                           f"use one of {tuple(names(private_mkvs=True))}, or --mode paper --share-requests.")
         if match not in MATCH:
             raise FedError(f"unknown match vector {match!r}.", f"use one of {MATCH}.")
         self.match = match
         self.report = ClientReport(client_id)
-        self.base = lm.identity()["fingerprint"]
+        self.fingerprint = lm.identity()["fingerprint"]  # of the shared base model
         self.vectors: EditVectors | None = None  # private: every fact held (own and reused)
         self.fact_ids: list[str] = []  # private: row ids of self.vectors; paper: facts applied
         self.applied: list[AppliedEdit] = []  # edits now on the model
@@ -197,19 +195,19 @@ class FedEditClient:
         if self.mode == "private" and "v.z" in arrays:
             layers = sorted(int(k.rsplit(".", 1)[1]) for k in arrays if k.startswith("v.key."))
             self.vectors = EditVectors(arrays["v.z"], {l: arrays[f"v.key.{l}"] for l in layers},
-                                       {l: arrays[f"v.resid.{l}"] for l in layers}, self.base)
+                                       {l: arrays[f"v.resid.{l}"] for l in layers}, self.fingerprint)
             self._solve_and_apply()
         elif self.mode == "paper":
             deltas = {k[2:]: v for k, v in arrays.items() if k.startswith("d.")}
             if deltas:
-                wd = WeightDeltas(deltas=deltas, method="memit", model=self.lm.identity())
+                wd = WeightDeltas(deltas=deltas, method=self.method.name, model=self.lm.identity())
                 self.applied = [wd.apply(self.lm.model, check_base=False)]
             kk = {int(k.rsplit(".", 1)[1]): v for k, v in arrays.items() if k.startswith("s.kk.")}
             if kk and self.method.stateful:
                 from fedit.methods.alphaedit import AlphaEditState
 
                 self.method_state = AlphaEditState(kk=kk, edits=int(state.get("method_state_edits", 0)),
-                                                   fingerprint=self.base)
+                                                   fingerprint=self.fingerprint)
 
     def _h(self, requests: list[EditRequest]) -> torch.Tensor:
         L = self.hp.layers[-1]
@@ -228,7 +226,7 @@ class FedEditClient:
             self.to_base()  # MKVs are measured on the shared base model
         h = self._h(requests) if self.match == "delta" else None  # on the model the z are measured on
         if self.mode == "private":
-            if self.method.name == "memit" and getattr(self.hp, "form", "layerwise") == "base":
+            if getattr(self.hp, "form", None) == "base":  # base-form hparams: the vectors are the edit
                 vec, reports, t_target = compute_vectors(self.lm, requests, self.hp, self.res)
             else:  # the method on the base model; its updates are the stats solve of these vectors
                 out = self.method.run(self.lm, requests, self.hp, self.res)
@@ -238,7 +236,7 @@ class FedEditClient:
             self.fact_ids += list(fact_ids)
             self._solve_and_apply()
             payloads = [{k: v for k, v in vec.fact_tensors(i).items() if k != "z"} for i in range(len(vec))]
-            meta = [{"fact": f, "base": self.base} for f in fact_ids]
+            meta = [{"fact": f, "fingerprint": self.fingerprint} for f in fact_ids]
             zs = vec.zs
         else:
             out = self._edit_in_place(requests)
@@ -247,7 +245,8 @@ class FedEditClient:
             zs = (diag["vectors"].zs if "vectors" in diag else diag["zs"]).float().cpu()
             self.fact_ids += list(fact_ids)
             payloads = [{} for _ in requests]
-            meta = [{"fact": f, "base": self.base, **({"request": q.to_dict()} if self.share_requests else {})}
+            meta = [{"fact": f, "fingerprint": self.fingerprint,
+                     **({"request": q.to_dict()} if self.share_requests else {})}
                     for f, q in zip(fact_ids, requests)]
         r = self.report
         r.own_facts += len(requests)
@@ -273,13 +272,15 @@ class FedEditClient:
                 raise FedError(f"reused MKVs have dimension {hits.vectors.shape[1]}, this model's is {d}.",
                                "every client must use the same base model.")
             if self.mode == "private":
-                bases = {m.get("base") for m in hits.meta}
-                if bases != {self.base}:
-                    raise FedError(f"reused MKVs were measured on base model(s) {sorted(map(str, bases))}, "
-                                   f"this client's is {self.base}.", "every client must start from the same base model.")
+                # "base": the key in MKVs stored by earlier fedit versions
+                prints = {m.get("fingerprint", m.get("base")) for m in hits.meta}
+                if prints != {self.fingerprint}:
+                    raise FedError(f"reused MKVs were measured on base model(s) {sorted(map(str, prints))}, "
+                                   f"this client's is {self.fingerprint}.",
+                                   "every client must start from the same base model.")
                 try:
                     vec = EditVectors.from_fact_tensors(
-                        [{"z": hits.vectors[i], **hits.payloads[i]} for i in range(n)], base=self.base)  # payload z wins
+                        [{"z": hits.vectors[i], **hits.payloads[i]} for i in range(n)], base=self.fingerprint)  # payload z wins
                 except VectorError as e:
                     raise FedError(f"reused MKVs do not carry what private mode needs: {e.problem}",
                                    "run every client in the same --mode (private MKVs carry keys and residuals).") from e

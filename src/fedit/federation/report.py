@@ -55,11 +55,8 @@ def centralised_reference(lm, records_by_client: dict[str, list], settings, zs: 
     kind = _kind(settings.dataset)
     all_recs = [r for recs in records_by_client.values() for r in recs]
     raw_pre = measure(lm, all_recs)
-    applied = out.deltas.apply(lm.model, check_base=False)
-    try:
+    with out.deltas.applied(lm.model):
         raw_post = measure(lm, all_recs)
-    finally:
-        applied.revert()
     per = [record_metrics(a, p, kind) for a, p in zip(raw_post, raw_pre)]
     per_pre = [record_metrics(p, None, kind) for p in raw_pre]
     by_client, i = {}, 0

@@ -1,6 +1,6 @@
 """Similarity search over mediator knowledge vectors (MKVs): pure functions on tensors.
 
-The FedEdit retrieval rule (FLEKE, DESIGN.md section 5): a client holding ``n`` own MKVs
+The FedEdit retrieval rule (FLEKE): a client holding ``n`` own MKVs
 v_1..v_n of a time slot takes another client's MKV v_o of that slot as a *hit* when
 
     #{ j : cos(v_j, v_o) > tau } >= n / 2          (tau = 0.4; strict ``>``)

@@ -21,7 +21,11 @@ class SettingsError(FeditError):
 
 
 @dataclass
-class FedSettings:
+class RunSettings:
+    """What every app's settings dataclass shares: the model and its caches, Flower's flat user
+    config (hyphenated keys, scalar values) both ways, and MEMIT hyperparameter overrides (a JSON
+    object in the subclass's ``overrides``)."""
+
     # model and caches
     model: str = "gemma-3-270m"
     device: str = ""
@@ -29,6 +33,45 @@ class FedSettings:
     cache_dir: str = ""
     corpus: str = ""
     threads: int = 0
+
+    def to_user_config(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_user_config(cls, cfg: dict[str, Any], **override):
+        """The settings from a user config; keys the class does not know are other apps'."""
+        known = {f.name: f for f in fields(cls)}
+        kw: dict[str, Any] = {}
+        for k, v in dict(cfg).items():
+            name = k.replace("-", "_")
+            if name not in known:
+                continue
+            typ = known[name].type
+            try:
+                kw[name] = (v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")) if typ == "bool" \
+                    else int(v) if typ == "int" else float(v) if typ == "float" else str(v)
+            except (TypeError, ValueError) as e:
+                raise SettingsError(f"setting {k} = {v!r} is not a valid {typ}.", f"give {k} a {typ} value.") from e
+        kw.update(override)
+        return cls(**kw)
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+    def hparam_overrides(self) -> dict[str, Any]:
+        if not self.overrides:
+            return {}
+        try:
+            o = json.loads(self.overrides)
+        except json.JSONDecodeError as e:
+            raise SettingsError(f"overrides is not JSON: {e}.", 'pass a JSON object, e.g. {"layers": [4, 5]}.') from e
+        if not isinstance(o, dict):
+            raise SettingsError("overrides must be a JSON object.", 'pass e.g. {"layers": [4, 5]}.')
+        return o
+
+
+@dataclass
+class FedSettings(RunSettings):
     # data: each client takes its share of one dataset (simulation), or its own file
     dataset: str = "counterfact"
     data: str = ""  # "" = the sample shipped with fedit
@@ -76,44 +119,9 @@ class FedSettings:
             raise SettingsError(f"tau must lie in [-1, 1] (a cosine), got {self.tau}.", "use e.g. --tau 0.4.")
         self.hparam_overrides()  # validate the JSON now
 
-    def hparam_overrides(self) -> dict[str, Any]:
-        if not self.overrides:
-            return {}
-        try:
-            o = json.loads(self.overrides)
-        except json.JSONDecodeError as e:
-            raise SettingsError(f"overrides is not JSON: {e}.", 'pass a JSON object, e.g. {"layers": [4, 5]}.') from e
-        if not isinstance(o, dict):
-            raise SettingsError("overrides must be a JSON object.", 'pass e.g. {"layers": [4, 5]}.')
-        return o
-
     @property
     def store_path(self) -> Path:
         return Path(self.store) if self.store else Path(self.out) / "mkv.sqlite"
-
-    # Flower user config: flat, hyphenated keys, scalar values.
-    def to_user_config(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_user_config(cls, cfg: dict[str, Any], **override) -> "FedSettings":
-        known = {f.name: f for f in fields(cls)}
-        kw: dict[str, Any] = {}
-        for k, v in dict(cfg).items():
-            name = k.replace("-", "_")
-            if name not in known:
-                continue  # other apps' keys
-            typ = known[name].type
-            try:
-                kw[name] = (v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")) if typ == "bool" else \
-                    int(v) if typ == "int" else float(v) if typ == "float" else str(v)
-            except (TypeError, ValueError) as e:
-                raise SettingsError(f"setting {k} = {v!r} is not a valid {typ}.", f"give {k} a {typ} value.") from e
-        kw.update(override)
-        return cls(**kw)
-
-    def replace(self, **kw) -> "FedSettings":
-        return dataclasses.replace(self, **kw)
 
 
 @lru_cache(maxsize=4)
