@@ -342,3 +342,67 @@ def test_no_import_circle_between_cli_modules():
         tree = ast.parse(f.read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert "fedit.cli.main" not in imported, f.name  # commands never import main
+
+
+def _documented_commands():
+    """Every ``fedit …`` command line in README.md and docs/*.md code blocks (continuations joined)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        blocks, block = [], None
+        for line in doc.read_text().splitlines():
+            if line.lstrip().startswith("```"):
+                if block is not None:
+                    blocks.append("\n".join(block))
+                    block = None
+                elif line.strip() in ("```bash", "```sh"):
+                    block = []
+                elif line.strip() != "```":
+                    block = None  # another language's block: skipped
+                continue
+            if block is not None:
+                block.append(line)
+        for b in blocks:
+            for line in b.replace("\\\n", " ").splitlines():
+                line = line.split(" #")[0].strip().removeprefix("$ ")
+                m = re.search(r"(?:^|; |&& |do )(fedit\s.*?)\s*(?:;|&&|&|$)", line)
+                if not m:
+                    continue
+                cmd = m.group(1).replace("$m", "memit").replace("${m}", "memit")
+                cmd = re.sub(r"\$\{?\w+\}?", "1", cmd)  # other shell variables: any value
+                yield f"{doc.name}: {cmd}", shlex.split(cmd)[1:]
+
+
+def test_every_documented_command_parses():
+    from fedit.cli.main import build_parser
+
+    cmds = list(_documented_commands())
+    assert len(cmds) > 30
+    bad = []
+    for where, argv in cmds:
+        if argv == ["--version"] or "--help" in argv or any(a in ("...", "…") for a in argv):
+            continue  # placeholders, not commands
+        try:
+            build_parser().parse_args(argv)
+        except Exception as e:  # noqa: BLE001
+            bad.append(f"{where}: {e}")
+    assert not bad, "\n".join(bad)
+
+
+def test_collab_run_takes_set_and_records_provenance(model_dir, tmp_path, capsys):
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps({**FAST, "v_lr": 1.0, "clamp_norm_factor": 8.0}))
+    code, out = _run(capsys, ["collab", "run", "--engine", "local", "--clients", "2", "--rounds", "1",
+                              "--records-per-client", "2", "--merge", "collabedit", "--no-layerwise-reference",
+                              "--model", str(model_dir), "--hparams", str(hp), "--layers", "1,2",
+                              "--set", "mom2_update_weight=10", "--corpus", str(CORPUS),
+                              "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--json"])
+    assert code == 0 and out["per_client"] == 2 and out["records_per_client"] == 2
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    for prov in (out["provenance"], rep["provenance"]):
+        assert prov["hparams"]["mom2_update_weight"] == 10 and prov["hparams_sources"]["mom2_update_weight"] == "--set"
+        assert prov["hparams"]["form"] == "base" and prov["data"]["kind"] == "counterfact"
+    assert rep["hparams"]["mom2_update_weight"] == 10  # the run used it
