@@ -406,3 +406,23 @@ def test_collab_run_takes_set_and_records_provenance(model_dir, tmp_path, capsys
         assert prov["hparams"]["mom2_update_weight"] == 10 and prov["hparams_sources"]["mom2_update_weight"] == "--set"
         assert prov["hparams"]["form"] == "base" and prov["data"]["kind"] == "counterfact"
     assert rep["hparams"]["mom2_update_weight"] == 10  # the run used it
+
+
+def test_fed_run_provenance_resolves_the_clients_hyperparameters(model_dir, tmp_path):
+    from fedit.cli import fed
+    from fedit.cli.main import build_parser
+
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps({"layers": [1, 2], "v_lr": 0.9}))
+    args = build_parser().parse_args(["fed", "run", "--model", str(model_dir), "--hparams", str(hp), "--set",
+                                      "kl_factor=0.25", "--target-precision", "bfloat16", "--out", str(tmp_path)])
+    s = fed.settings_from(args)
+    assert s.hparam_overrides() == {"kl_factor": 0.25, "target_precision": "bfloat16"}  # what the clients get
+    prov = fed.provenance(s, fed.common.sets_from(args, "memit"))
+    src = prov["hparams_sources"]
+    assert prov["hparams"]["kl_factor"] == 0.25 and src["kl_factor"] == "--set"
+    assert src["target_precision"] == "override" and src["v_lr"] == f"--hparams {hp}"
+    assert prov["data"]["shipped_sample"] and prov["model"]["model_type"] == "gpt2"
+    args = build_parser().parse_args(["fed", "run", "--model", str(model_dir), "--layers", "99", "--out", str(tmp_path)])
+    with pytest.raises(FeditError, match="do not exist"):  # refused before Flower starts
+        fed.provenance(fed.settings_from(args))

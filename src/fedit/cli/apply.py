@@ -9,11 +9,19 @@ from fedit.cli import common
 
 
 def register(sub) -> None:
-    p = common.add_command(sub, "apply", "apply a saved edit to a model")
+    file_command(sub, "apply", "apply a saved edit to a model", run,
+                 file="a .safetensors edit written by `fedit edit --save`",
+                 out="write the edited model to this folder (loadable with --model; default: memory only)",
+                 force="apply even if the base weights differ")
+
+
+def file_command(sub, name: str, help: str, run, *, file: str, out: str, force: str) -> None:
+    """A command over a saved edit: ``FILE``, ``--out DIR``, ``--force`` and the model flags."""
+    p = common.add_command(sub, name, help)
     common.model_flags(p)
-    p.add_argument("file", help="a .safetensors edit written by `fedit edit --save`")
-    p.add_argument("--out", help="write the edited model to this folder (loadable with --model; default: memory only)")
-    p.add_argument("--force", action="store_true", help="apply even if the base weights differ")
+    p.add_argument("file", help=file)
+    p.add_argument("--out", help=out)
+    p.add_argument("--force", action="store_true", help=force)
     p.set_defaults(run=run)
 
 

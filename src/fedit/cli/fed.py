@@ -76,9 +76,10 @@ def settings_from(args):
                        **{k: v for k, v in given.items() if v is not None})
 
 
-def provenance(s) -> dict:
+def provenance(s, sets: dict | None = None) -> dict:
     """Provenance of a federated run: the model its clients load, the method's resolved
-    hyperparameters with the run's overrides, the dataset file (the model is freed again)."""
+    hyperparameters with the run's overrides (``sets``: those that came from ``--set``), the
+    dataset file. The model is freed again."""
     from fedit.methods import get_method
     from fedit.methods.hparams import resolve_hparams
     from fedit.models.loading import load_model
@@ -86,8 +87,10 @@ def provenance(s) -> dict:
 
     lm = load_model(s.model, device=s.device or None, dtype=s.dtype or None, cache_dir=s.cache_dir or None)
     m = get_method(s.method)
+    sets = sets or {}
+    overrides = {k: v for k, v in s.hparam_overrides().items() if k not in sets}
     hp, sources = resolve_hparams(m.hparams_class, m.name, lm.name, lm.model_type, lm.adapter.n_layers,
-                                  s.hparam_overrides(), s.hparams_file or None)
+                                  overrides, s.hparams_file or None, sets)
     out = common.provenance(lm, method=s.method, hparams=hp, sources=sources, data=data_file(s.data or None, s.dataset))
     del lm
     gc.collect()
@@ -109,7 +112,8 @@ def run(args) -> int:
     from fedit.federation.simulate import run as simulate
 
     s = settings_from(args)
-    prov = provenance(s)  # also refuses hyperparameters the model cannot take, before Flower starts
+    # also refuses hyperparameters the model cannot take, before Flower starts
+    prov = provenance(s, common.sets_from(args, args.method))
     return _finish(args, simulate(s, reference=not args.no_reference), prov)
 
 

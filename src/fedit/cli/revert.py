@@ -6,12 +6,12 @@ from fedit.cli import common
 
 
 def register(sub) -> None:
-    p = common.add_command(sub, "revert", "undo a saved edit on a model that carries it (bit-identical)")
-    common.model_flags(p)
-    p.add_argument("file", help="the .safetensors edit the model carries")
-    p.add_argument("--out", help="write the reverted model to this folder (default: memory only)")
-    p.add_argument("--force", action="store_true", help="revert even if the weights are not exactly base + delta")
-    p.set_defaults(run=run)
+    from fedit.cli.apply import file_command
+
+    file_command(sub, "revert", "undo a saved edit on a model that carries it (bit-identical)", run,
+                 file="the .safetensors edit the model carries",
+                 out="write the reverted model to this folder (default: memory only)",
+                 force="revert even if the weights are not exactly base + delta")
 
 
 def run(args) -> int:
