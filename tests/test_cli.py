@@ -203,6 +203,21 @@ def test_argument_errors_are_one_json_object_with_exit_2(capsys, argv):
     assert out["problem"] and "--help" in out["fix"]
 
 
+def test_any_failure_under_json_is_one_json_object(capsys, monkeypatch):
+    from fedit.cli import datasets
+    from fedit.data.loaders import DatasetError
+
+    monkeypatch.setattr(datasets, "describe", lambda kind: (_ for _ in ()).throw(DatasetError("bad file.", "fix it.")))
+    code, out = _run(capsys, ["datasets", "zsre", "--json"])
+    assert code == 2 and out == {"error": "bad file. Fix: fix it.", "problem": "bad file.", "fix": "fix it.",
+                                 "type": "DatasetError", "exit_code": 2}
+    monkeypatch.setattr(datasets, "describe", lambda kind: 1 / 0)
+    code, out = _run(capsys, ["datasets", "zsre", "--json"])
+    assert code == 1 and out["type"] == "ZeroDivisionError" and out["exit_code"] == 1
+    with pytest.raises(ZeroDivisionError):  # without --json: the traceback as usual
+        main(["datasets", "zsre"])
+
+
 def test_argument_errors_without_json_print_usage_on_stderr(capsys):
     assert main(["edit", "--method", "nope"]) == 2
     cap = capsys.readouterr()

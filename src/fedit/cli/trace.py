@@ -9,6 +9,8 @@ from fedit.errors import FeditError
 
 
 def register(sub) -> None:
+    from fedit.core.trace import KINDS
+
     p = common.add_command(sub, "trace", "causal tracing: which layers and tokens carry a fact (heat map)")
     common.model_flags(p)
     p.add_argument("--prompt", help='prompt with {} for the subject (or spelling it out), e.g. "{} is located in"')
@@ -21,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--n", type=int, default=20, help="with --dataset: number of facts the model knows to trace")
     p.add_argument("--include-unknown", action="store_true",
                    help="with --dataset: also trace facts whose answer the model does not predict (default: skip them)")
-    p.add_argument("--kind", default="all", choices=["hidden", "mlp", "attn", "all"],
+    p.add_argument("--kind", default="all", choices=[*KINDS, "all"],
                    help="state restored: hidden (residual stream), mlp or attn (windows of outputs), or all three")
     p.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn")
     p.add_argument("--samples", type=int, default=10, help="noise samples per prompt")
