@@ -231,7 +231,7 @@ def test_datasets_json_says_where_to_get_every_file(capsys):
     assert {"counterfact", "zsre", "known_1000", "mquake", "counterfact-easyedit", "wikitext-2"} <= set(kinds)
     assert "counterfact_500.json" in kinds["counterfact"]["instructions"]
     assert kinds["counterfact"]["sample_records"] > 0 and out["provenance"]["fedit"]
-    code, out = _run(capsys, ["datasets", "zsre", "--json"])
+    code, out = _run(capsys, ["--json", "datasets", "zsre"])  # --json before the command works too
     assert code == 0 and [d["kind"] for d in out["datasets"]] == ["zsre"]
 
 

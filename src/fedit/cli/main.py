@@ -19,6 +19,8 @@ def build_parser() -> common.Parser:
     ap = common.Parser(prog="fedit", description="Edit the factual knowledge of language models.",
                        formatter_class=common.HelpFormatter)
     ap.add_argument("--version", action="version", version=f"fedit {__version__}")
+    ap.add_argument("--json", action="store_true", dest="json_first",
+                    help="the same as the command's --json, given before the command")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub)
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except common.UsageError as e:
         return common.fail(e, as_json)
+    args.json = args.json or args.json_first
     common.configure(args)
     try:
         return args.run(args)
