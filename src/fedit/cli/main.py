@@ -1,16 +1,17 @@
-"""The ``fedit`` command: assembles one module per command (``register(subparsers)`` adds its
-parser and sets ``run``; ``run(args)`` does the work). Adding a command is one entry in
-:data:`COMMANDS`."""
+"""The ``fedit`` command: assembles one module per command, ``fedit.cli.<name>``, whose
+``register(subparsers)`` adds its parser (setting ``run``) and whose ``run(args)`` does the work.
+Adding a command is one entry in :data:`COMMANDS`."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-from fedit.cli import apply, collab, common, datasets, demo, edit, fed, hparams, revert, stats, trace
-from fedit.cli import eval as eval_
+from fedit.cli import common
 from fedit.errors import FeditError
 
-COMMANDS = [edit, apply, revert, stats, eval_, trace, datasets, hparams, demo, fed, collab]
+# In the order ``fedit --help`` lists them.
+COMMANDS = ["edit", "apply", "revert", "stats", "eval", "trace", "datasets", "hparams", "demo", "fed", "collab"]
 
 
 def build_parser() -> common.Parser:
@@ -22,8 +23,8 @@ def build_parser() -> common.Parser:
     ap.add_argument("--json", action="store_true", dest="json_first",
                     help="the same as the command's --json, given before the command")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
-        command.register(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"fedit.cli.{name}").register(sub)
     return ap
 
 
