@@ -112,7 +112,7 @@ def test_delta_matching_indexes_the_edit_direction_and_keeps_z(tiny_cache):
 
 def test_fed_demo_runs_three_organisations_on_a_tiny_model(tiny_cache):
     from fedit.cli.demo import ORGS, run_fed_demo
-    from fedit.cli.main import _probe, _table
+    from fedit.cli.common import probe as _probe, table as _table
 
     lm = tiny_model("gpt2")
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}

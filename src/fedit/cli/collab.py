@@ -1,6 +1,6 @@
 """``fedit collab run``: collaborative editing (CollabEdit) of one model by several clients.
 
-    fedit collab run --clients 10 --rounds 1 --per-client 50 --dataset counterfact \\
+    fedit collab run --clients 10 --rounds 1 --records-per-client 50 --dataset counterfact \\
         --merge collabedit,task-arithmetic,average,ties,fedavg --out runs/collab
 
 By default the clients and the server are Flower apps in Flower's simulation engine
@@ -10,56 +10,68 @@ runs the same protocol in this process, sharing edit vectors between merge metho
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 import time
 
+from fedit.cli import common
 from fedit.errors import FeditError
 
 ENGINES = ("flower", "local")
 
 
-def register(sub, common, _unused=None) -> None:
-    """Add ``collab run`` to the ``fedit`` parser (``common``: main's shared flags)."""
-    from fedit.cli.main import precision_arg
-    from fedit.collab import MERGES, POLICIES
+# How many clients and facts by default (CollabEdit's merge options default in CollabConfig).
+CLIENTS, ROUNDS, PER_ROUND = 10, 1, 50
 
-    p = sub.add_parser("collab", help="collaborative editing: many clients' edits merged into one model (CollabEdit)")
-    csub = p.add_subparsers(dest="collab_command", required=True)
-    r = csub.add_parser("run", help="split a dataset among clients and rounds, edit, merge, evaluate")
-    common(r)
-    r.add_argument("--layers", default=None, help="comma-separated layers to edit (overrides the data file)")
-    precision_arg(r, cache=True)
-    r.add_argument("--hparams", default=None, help="JSON file of MEMIT hyperparameters (overrides the data file)")
-    r.add_argument("--corpus", default=None,
-                   help="text file or folder for second moments (default: shipped WikiText-2 sample)")
-    r.add_argument("--clients", type=int, default=10)
-    r.add_argument("--rounds", type=int, default=1)
-    r.add_argument("--per-client", type=int, default=50, help="facts per client and round")
-    r.add_argument("--dataset", default="counterfact", help="counterfact, counterfact-easyedit, zsre, mquake, easyedit")
+
+def register(sub) -> None:
+    """Add ``collab run`` to the ``fedit`` parser."""
+    from fedit.collab import MERGES, POLICIES, CollabConfig as C
+    from fedit.data.loaders import KINDS
+
+    p = common.add_command(sub, "collab", "collaborative editing: many clients' edits merged into one model (CollabEdit)")
+    csub = p.add_subparsers(dest="collab_command", required=True, metavar="{run}")
+    r = common.add_command(csub, "run", "split a dataset among clients and rounds, edit, merge, evaluate")
+    common.model_flags(r)
+    common.hparams_flags(r, "MEMIT")
+    common.corpus_flag(r)
+    common.target_cache_flag(r)
+    common.population_flags(r, CLIENTS, ROUNDS, f"{PER_ROUND} per round")
+    r.add_argument("--dataset", default="counterfact",
+                   help=f"dataset format: {', '.join(k for k in KINDS if k != 'known_1000')}")
     r.add_argument("--data", default=None, help="dataset file (default: the small sample shipped with fedit)")
-    r.add_argument("--merge", default="collabedit",
+    r.add_argument("--merge", default=",".join(C.merges),
                    help=f"one or more (comma-separated) of {', '.join(MERGES)}, or 'all'")
-    r.add_argument("--conflict-policy", default="reject", choices=POLICIES,
+    r.add_argument("--conflict-policy", default=C.conflict_policy, choices=POLICIES,
                    help="what to do when clients edit the same subject and relation to different targets")
-    r.add_argument("--priority", default=None, help="client ids by priority for --conflict-policy priority, e.g. c3,c0")
+    r.add_argument("--priority", default=None,
+                   help="client ids by priority for --conflict-policy priority, e.g. c3,c0 (default: none)")
     r.add_argument("--overlap", type=float, default=0.0, help="fraction of each client's facts copied from another client")
     r.add_argument("--conflict", type=float, default=0.0,
                    help="fraction of each client's facts that are another client's with a different target")
-    r.add_argument("--ties-density", type=float, default=0.2, help="TIES: fraction of each update's entries kept")
-    r.add_argument("--ties-scale", type=float, default=0.4, help="TIES: scaling of the merged update")
+    r.add_argument("--ties-density", type=float, default=C.ties_density, help="TIES: fraction of each update's entries kept")
+    r.add_argument("--ties-scale", type=float, default=C.ties_scale, help="TIES: scaling of the merged update")
     r.add_argument("--no-c1", action="store_true", help="multi-round CollabEdit without the running covariance C₁")
-    r.add_argument("--c1-weight", type=float, default=1.0, help="C₁ += w·KKᵀ (1: equals the global solve)")
-    r.add_argument("--residual-tol", type=float, default=1e-6,
+    r.add_argument("--c1-weight", type=float, default=C.c1_weight, help="C₁ += w·KKᵀ (1: equals the global solve)")
+    r.add_argument("--residual-tol", type=float, default=C.residual_tol,
                    help="a fact whose ‖z − h‖/‖h‖ is at most this is already said by the model and not edited")
     r.add_argument("--form", default="base", choices=["base", "layerwise"],
                    help="CollabEdit's exchange: base (one per round, the paper's) or layerwise (one per edited layer)")
-    r.add_argument("--engine", default="flower", choices=ENGINES)
+    r.add_argument("--engine", default="flower", choices=ENGINES,
+                   help="flower: clients and server as Flower apps in Flower's simulation; local: in this process")
     r.add_argument("--secagg", action="store_true", help="flower engine: sum CollabEdit's statistics with SecAgg+")
     r.add_argument("--no-reference", action="store_true", help="skip global MEMIT over the union (the reference)")
     r.add_argument("--no-layerwise-reference", action="store_true", help="skip the layer-by-layer MEMIT reference")
     r.add_argument("--seed", type=int, default=0, help="seed for the targets of injected conflicts")
     r.add_argument("--out", required=True, help="folder for report.json, report.md and chart.png")
+    r.set_defaults(run=run)
+
+
+def per_round(args) -> int:
+    """Facts per client and round, from ``--per-client`` or ``--records-per-client``."""
+    total = common.records_per_client(args, PER_ROUND * args.rounds)
+    if args.rounds < 1 or total % args.rounds:
+        raise FeditError(f"{total} records per client do not split evenly over {args.rounds} round(s).",
+                         "give --records-per-client a multiple of --rounds, or --per-client (records per round).")
+    return total // args.rounds
 
 
 def _merges(text: str) -> tuple[str, ...]:
@@ -72,14 +84,12 @@ def _merges(text: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def run(args, load, layers) -> int:
-    """The command; ``load``/``layers`` are main's model loader and --layers parser."""
-    from fedit.cli.main import overrides_from, resources_from
+def run(args) -> int:
     from fedit.collab import CollabConfig, split_plan
     from fedit.collab.driver import run_collab
     from fedit.data.loaders import load_records
     from fedit.evaluate.collab_report import markdown, write
-    from fedit.methods import hparams_for
+    from fedit.provenance import data_file
 
     if args.collab_command != "run":
         raise FeditError(f"unknown collab command {args.collab_command!r}.", "use: fedit collab run …")
@@ -94,7 +104,8 @@ def run(args, load, layers) -> int:
         raise FeditError("--priority is only used with --conflict-policy priority.", "add --conflict-policy priority.")
     if args.secagg and args.engine != "flower":
         raise FeditError("--secagg needs the Flower engine.", "drop --engine local or --secagg.")
-    per = args.per_client
+    per = per_round(args)
+    common.sets_from(args, "memit")  # refuse a bad --set before loading the model
     n_own = per - round(args.overlap * per) - round(args.conflict * per)
     records = load_records(args.dataset, args.data, max(1, args.clients * args.rounds * max(1, n_own)))
     plan = split_plan(records, args.clients, args.rounds, per, args.overlap, args.conflict, args.seed)
@@ -102,36 +113,32 @@ def run(args, load, layers) -> int:
         unknown = [c for c in cfg.priority if c not in plan]
         if unknown:
             raise FeditError(f"--priority names unknown clients {unknown}.", f"client ids are {', '.join(plan)}.")
-    lm = load(args)
+    lm = common.load(args)
     from fedit.core.tokens import validate_for_tokenizer
 
     validate_for_tokenizer(lm.tokenizer, [r.request for recs in plan.values() for rr in recs for r in rr])
-    overrides = overrides_from(args)
-    hp = dataclasses.replace(hparams_for("memit", lm, overrides, args.hparams), form="base")
-    res = resources_from(args)
-    say = (lambda s: None) if args.json else (lambda s: sys.stderr.write(f"[collab] {s}\n"))
+    overrides = common.overrides_from(args, "memit")
+    hp, sources = common.resolve_hparams(args, lm, "memit", form="base")
+    prov = common.provenance(lm, method="memit", hparams=hp, sources=sources, data=data_file(args.data, args.dataset))
+    res = common.resources_from(args)
+    say = common.say(args, "collab")
     if args.engine == "local":
         report = run_collab(lm, plan, hp, res, cfg, progress=say)
     else:
         report = _run_flower(args, lm, plan, hp, res, cfg, overrides, say)
     report.update(per_client=per, dataset=args.dataset, model=lm.name, overlap=args.overlap, conflict=args.conflict,
-                  seconds_total=round(time.perf_counter() - t0, 3))
+                  seconds_total=round(time.perf_counter() - t0, 3), provenance=prov)
     files = write(report, args.out)
     out = {"engine": report["engine"], "secagg": bool(report.get("secagg")), "model": lm.name, "clients": args.clients,
-           "rounds": args.rounds, "per_client": per, "merges": list(cfg.merges),
+           "rounds": args.rounds, "per_client": per, "records_per_client": per * args.rounds,
+           "merges": list(cfg.merges),
            "duplicates": report["duplicates_total"], "conflicts": report["conflicts_total"],
            "rejected": report["rejected_total"],
            "final": {m: r["final"] for m, r in report["runs"].items()},
            "reference": (report.get("reference") or {}).get("rounds", [{}])[-1] if report.get("reference") else None,
            "vs_reference": {m: r["rounds"][-1].get("vs_reference") for m, r in report["runs"].items() if r["rounds"]},
-           "seconds": report["seconds_total"], "files": files}
-    text = markdown(report) + f"\nwritten: {files['json']}, {files['md']}, {files['chart']}"
-    if args.json:
-        import json
-
-        sys.stdout.write(json.dumps(out) + "\n")
-    else:
-        sys.stdout.write(text.rstrip() + "\n")
+           "seconds": report["seconds_total"], "files": files, "provenance": prov}
+    common.emit(args, out, markdown(report) + f"\nwritten: {files['json']}, {files['md']}, {files['chart']}")
     return 0
 
 
@@ -146,7 +153,7 @@ def _run_flower(args, lm, plan, hp, res, cfg, overrides, say):
                        cache_dir=args.cache_dir or "", corpus=args.corpus or "", threads=args.threads or 0,
                        overrides=json.dumps(over) if over else "", hparams_file=args.hparams or "",
                        dataset=args.dataset, data=args.data or "", clients=args.clients, rounds=args.rounds,
-                       per_client=args.per_client, overlap=args.overlap, conflict=args.conflict, seed=args.seed,
+                       per_client=per_round(args), overlap=args.overlap, conflict=args.conflict, seed=args.seed,
                        merge=",".join(cfg.merges), conflict_policy=cfg.conflict_policy,
                        priority=",".join(cfg.priority or []), ties_density=cfg.ties_density,
                        ties_scale=cfg.ties_scale, c1=cfg.c1, c1_weight=cfg.c1_weight, residual_tol=cfg.residual_tol,

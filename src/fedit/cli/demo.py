@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from fedit.cli import common
 from fedit.requests import EditRequest
 
 FACTS = [
@@ -29,10 +30,23 @@ UNRELATED = [
 ]
 
 
-def run_demo(args, lm, emit, table, probe) -> int:
-    from fedit.api import edit
-    from fedit.methods import Resources
+def register(sub) -> None:
+    from fedit.methods import names
 
+    p = common.add_command(sub, "demo", "edit a few well-known facts in the default model and show before/after, "
+                                        "then three organisations editing together (FedEdit)")
+    common.model_flags(p)
+    common.method_flag(p, names(needs_training=False))
+    p.add_argument("--no-fed", action="store_true", help="skip the federated part")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from fedit.api import edit
+    from fedit.methods import Resources, hparams_for
+
+    lm = common.load(args)
+    probe, table = common.probe, common.table
     res = Resources(cache_dir=args.cache_dir, progress=not args.json)
     groups = {
         "edited": [{"text": r.filled_prompt, "target": r.target_new} for r in FACTS],
@@ -53,7 +67,8 @@ def run_demo(args, lm, emit, table, probe) -> int:
            "groups": {k: [{"prompt": r["text"], "target": r["target"], "before": r["before"], "after": r["after"]}
                           for r in rows] for k, rows in groups.items()},
            "reverted_bit_identical": identical,
-           "residual_norms": result.outcome.diagnostics.get("residual_norms")}
+           "residual_norms": result.outcome.diagnostics.get("residual_norms"),
+           "provenance": common.provenance(lm, method=args.method, hparams=hparams_for(args.method, lm))}
     text = [f"fedit demo: {args.method} edits {len(FACTS)} facts in {lm.name} ({seconds:.1f} s)", ""]
     for k, rows in groups.items():
         text += [f"[{k}]", table(rows), ""]
@@ -63,7 +78,7 @@ def run_demo(args, lm, emit, table, probe) -> int:
         out["federation"] = fed
         text += ["", fed_text]
         identical = identical and all(torch.equal(p, before_w[n]) for n, p in lm.model.named_parameters())
-    emit(args, out, "\n".join(text))
+    common.emit(args, out, "\n".join(text))
     return 0 if identical else 1
 
 

@@ -1,85 +1,143 @@
-"""``fedit fed run``: FedEdit on Flower's simulation engine (one machine)."""
+"""``fedit fed run`` (FedEdit on Flower's simulation engine, one machine) and ``fedit fed
+report`` (the report of a finished run, e.g. a deployment's). Defaults come from
+:class:`fedit.federation.settings.FedSettings`."""
 
 from __future__ import annotations
 
+import gc
 import json
 
+from fedit.cli import common
+from fedit.errors import FeditError
 
-def register(sub, common) -> None:
-    from fedit.cli.main import precision_arg
 
-    p = sub.add_parser("fed", help="federated editing (FedEdit) on the Flower engine")
-    fsub = p.add_subparsers(dest="fed_command", required=True)
-    r = fsub.add_parser("run", help="run a FedEdit federation on Flower's simulation engine, then report")
-    common(r)
-    r.add_argument("--clients", type=int, default=3, help="number of organisations (default 3)")
-    r.add_argument("--slots", type=int, default=2, help="time slots T (default 2)")
-    r.add_argument("--dataset", default="counterfact", help="counterfact, counterfact-easyedit, zsre, easyedit")
+def register(sub) -> None:
+    from fedit.data.loaders import KINDS
+    from fedit.federation.settings import FedSettings as S
+    from fedit.methods import names
+
+    p = common.add_command(sub, "fed", "federated editing (FedEdit) on the Flower engine")
+    fsub = p.add_subparsers(dest="fed_command", required=True, metavar="{run,report}")
+    r = common.add_command(fsub, "run", "run a FedEdit federation on Flower's simulation engine, then report")
+    common.model_flags(r)
+    common.population_flags(r, S.clients, S.slots, str(S.n_per_client))
+    r.add_argument("--dataset", default=S.dataset,
+                   help=f"dataset format: {', '.join(k for k in KINDS if k not in ('known_1000', 'mquake'))}")
     r.add_argument("--data", default=None, help="dataset file (default: the sample shipped with fedit)")
-    r.add_argument("--n-per-client", type=int, default=6, help="requests per client, spread over the slots")
     r.add_argument("--partition", default=None, choices=["relation", "cluster", "iid"],
                    help="how clients' requests differ (default: relation for CounterFact, cluster for zsRE)")
-    r.add_argument("--mode", default="private", choices=["private", "paper"],
-                   help="private: MKVs carry keys and residuals, no request text (default); paper: z + plaintext request")
+    r.add_argument("--mode", default=S.mode, choices=["private", "paper"],
+                   help="private: MKVs carry keys and residuals, no request text; paper: z + plaintext request")
     r.add_argument("--share-requests", action="store_true",
                    help="paper mode: every owner opts in to sending its plaintext requests with its MKVs")
-    r.add_argument("--tau", type=float, default=0.4, help="cosine threshold of the FedEdit hit rule (default 0.4)")
-    r.add_argument("--match", default="z", choices=["z", "delta"],
-                   help="what the hit rule compares: z, the MKV itself (the paper; default), or delta = z − h, "
+    r.add_argument("--tau", type=float, default=S.tau, help="cosine threshold of the FedEdit hit rule")
+    r.add_argument("--match", default=S.match, choices=["z", "delta"],
+                   help="what the hit rule compares: z, the MKV itself (the paper), or delta = z − h, "
                         "the edit's direction (selective where all z point one way, as on Gemma)")
-    r.add_argument("--baseline", default=None, choices=["fedavg"], help="also run the FedAvg baseline")
-    r.add_argument("--method", default="memit",
-                   help="editing method: memit (default) or pmet in any mode; alphaedit in paper mode only")
-    r.add_argument("--layers", default=None, help="comma-separated layers to edit (overrides the data file)")
-    r.add_argument("--hparams", default=None, help="JSON file of hyperparameters")
-    precision_arg(r)
-    r.add_argument("--corpus", default=None, help="text file for second moments (default: shipped WikiText-2 sample)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--baseline", default=None, choices=["fedavg"], help="also run the FedAvg baseline (default: none)")
+    # paper mode re-edits with the given z: every method that takes targets; private mode needs
+    # the methods whose update is a plain solve of per-fact vectors (checked in run)
+    common.method_flag(r, names(takes_targets=True), default=S.method,
+                       extra=f"; private mode: {', '.join(names(private_mkvs=True))}")
+    common.hparams_flags(r)
+    common.corpus_flag(r)
+    r.add_argument("--seed", type=int, default=S.seed, help="seed of the partition")
     r.add_argument("--no-reference", action="store_true", help="skip the centralised MEMIT reference")
     r.add_argument("--out", required=True, help="folder for the MKV store, federation.json and the report")
+    r.set_defaults(run=run)
 
-    r = fsub.add_parser("report", help="(re)build the report of a finished run from its federation.json, "
-                                       "e.g. a deployment's, with the centralised MEMIT reference")
-    common(r, model=False)
+    r = common.add_command(fsub, "report", "(re)build the report of a finished run from its federation.json, "
+                                           "e.g. a deployment's, with the centralised MEMIT reference")
+    common.model_flags(r, model=False)
     r.add_argument("--no-reference", action="store_true", help="skip the centralised MEMIT reference")
     r.add_argument("--out", required=True, help="the folder holding federation.json")
+    r.set_defaults(run=run_report)
 
 
-def cmd_fed(args, emit) -> int:
-    from fedit.federation.report import markdown
+def settings_from(args):
+    """The run's :class:`FedSettings` from the command line (unset flags: its defaults)."""
     from fedit.federation.settings import FedSettings
 
-    if args.fed_command == "report":
-        from fedit.federation.simulate import report_from_dir
+    from fedit.methods import names
 
-        report = report_from_dir(args.out, reference=not args.no_reference)
-        emit(args, _summary(report), markdown(report) + f"\nwritten: {', '.join(report['files'].values())}")
-        return 0
+    if args.mode == "private" and args.method not in names(private_mkvs=True):
+        raise FeditError(f"{args.method} cannot run in private mode: its update is not a plain solve of per-fact "
+                         "vectors.", f"use --method {' or '.join(names(private_mkvs=True))}, or --mode paper "
+                                     "--share-requests.")
+    overrides = {k: v for k, v in common.overrides_from(args, args.method).items() if v is not None}
+    given = {"model": args.model, "device": args.device, "dtype": args.dtype, "cache_dir": args.cache_dir,
+             "corpus": args.corpus, "threads": args.threads, "data": args.data, "hparams_file": args.hparams,
+             "baseline": args.baseline, "overrides": json.dumps(overrides) if overrides else None,
+             "partition": args.partition or ("cluster" if args.dataset == "zsre" else None)}
+    return FedSettings(clients=args.clients, slots=args.rounds,
+                       n_per_client=common.records_per_client(args, FedSettings.n_per_client),
+                       dataset=args.dataset, seed=args.seed, method=args.method, mode=args.mode,
+                       share_requests=args.share_requests, tau=args.tau, match=args.match, out=args.out,
+                       **{k: v for k, v in given.items() if v is not None})
 
-    from fedit.cli.main import overrides_from
 
-    overrides = {k: v for k, v in overrides_from(args).items() if v is not None}
-    partition = args.partition or ("cluster" if args.dataset == "zsre" else "relation")
-    s = FedSettings(model=args.model or "gemma-3-270m", device=args.device or "", dtype=args.dtype or "",
-                    cache_dir=args.cache_dir or "", corpus=args.corpus or "", threads=args.threads or 0,
-                    dataset=args.dataset, data=args.data or "", clients=args.clients, n_per_client=args.n_per_client,
-                    slots=args.slots, partition=partition, seed=args.seed, method=args.method,
-                    overrides=json.dumps(overrides) if overrides else "", hparams_file=args.hparams or "",
-                    mode=args.mode, share_requests=args.share_requests, tau=args.tau, match=args.match, baseline=args.baseline or "",
-                    out=args.out)
-    from fedit.federation.simulate import run
+def provenance(s, sets: dict | None = None) -> dict:
+    """Provenance of a federated run: the model its clients load, the method's resolved
+    hyperparameters with the run's overrides (``sets``: those that came from ``--set``), the
+    dataset file. The model is freed again."""
+    from fedit.methods import get_method
+    from fedit.methods.hparams import resolve_hparams
+    from fedit.models.loading import load_model
+    from fedit.provenance import data_file
 
-    report = run(s, reference=not args.no_reference)
-    emit(args, _summary(report), markdown(report) + f"\nwritten: {', '.join(report['files'].values())}")
+    lm = load_model(s.model, device=s.device or None, dtype=s.dtype or None, cache_dir=s.cache_dir or None)
+    m = get_method(s.method)
+    sets = sets or {}
+    overrides = {k: v for k, v in s.hparam_overrides().items() if k not in sets}
+    hp, sources = resolve_hparams(m.hparams_class, m.name, lm.name, lm.model_type, lm.adapter.n_layers,
+                                  overrides, s.hparams_file or None, sets)
+    out = common.provenance(lm, method=s.method, hparams=hp, sources=sources, data=data_file(s.data or None, s.dataset))
+    del lm
+    gc.collect()
+    return out
+
+
+def _finish(args, report: dict, prov: dict) -> int:
+    from fedit.federation.report import markdown, write
+
+    report.pop("files", None)
+    report["provenance"] = prov
+    report["files"] = write(report, args.out)
+    common.emit(args, {**_summary(report), "provenance": prov},
+                markdown(report) + f"\nwritten: {', '.join(report['files'].values())}")
     return 0
+
+
+def run(args) -> int:
+    from fedit.federation.simulate import run as simulate
+
+    s = settings_from(args)
+    # also refuses hyperparameters the model cannot take, before Flower starts
+    prov = provenance(s, common.sets_from(args, args.method))
+    return _finish(args, simulate(s, reference=not args.no_reference), prov)
+
+
+def run_report(args) -> int:
+    from fedit.federation.settings import FedSettings
+    from fedit.federation.simulate import report_from_dir
+
+    report = report_from_dir(args.out, reference=not args.no_reference)
+    s = FedSettings.from_user_config(report["settings"])
+    try:
+        prov = provenance(s)
+    except FeditError as e:  # a deployment's model may live on another machine
+        common.log.warning("provenance without the model: %s", e)
+        prov = common.provenance(method=s.method, data=None, settings=report["settings"])
+    return _finish(args, report, prov)
 
 
 def _summary(report: dict) -> dict:
     s = report["settings"]
-    return {"clients": len(report["clients"]), "slots": s["slots"], "mode": s["mode"], "model": s["model"],
-            "n": len(report["clients"]) * s["n-per-client"], "seconds": report["seconds"],
-           "metrics": report["fededit"]["post"], "metrics_pre": report["fededit"]["pre"],
-           "per_client": report["per_client"], "reuse": report["reuse"],
-           "retention": report.get("retention"), "centralised": report.get("centralised_mean_over_clients"),
-           "fedavg": (report.get("fedavg") or {}).get("post"), "files": report["files"],
-           "headline": report["headline"]}
+    return {"clients": len(report["clients"]), "slots": s["slots"], "rounds": s["slots"], "mode": s["mode"],
+            "model": s["model"], "n": len(report["clients"]) * s["n-per-client"],
+            "records_per_client": s["n-per-client"], "seconds": report["seconds"],
+            "metrics": report["fededit"]["post"], "metrics_pre": report["fededit"]["pre"],
+            "per_client": report["per_client"], "reuse": report["reuse"],
+            "retention": report.get("retention"), "centralised": report.get("centralised_mean_over_clients"),
+            "fedavg": (report.get("fedavg") or {}).get("post"), "files": report["files"],
+            "headline": report["headline"]}

@@ -55,6 +55,10 @@ _SCHEMAS = {
 _MEMIT_DSETS = "https://memit.baulab.info/data/dsets/"
 _MQUAKE_RAW = "https://raw.githubusercontent.com/princeton-nlp/MQuAKE/main/datasets/"
 _EASYEDIT_BUNDLE = "https://drive.google.com/file/d/1WRo2SqqgNtZF11Vq0sF5nL_-bHi18Wi4/view"
+_BUNDLE_RAW = ("https://raw.githubusercontent.com/leonz-z/EasyEdit/"
+               "5d49c472bd4b8447a70d276fb577d28088588e62/dataset/edit_data/")
+_BUNDLE_COPY = "A copy of the bundle's files is committed in the GitHub repository leonz-z/EasyEdit:\n"
+_MET_RAW = "https://raw.githubusercontent.com/furonglegend/Met/3cafe6f48801444aae7bb353367821671967782a/data/"
 _WHERE = {  # one line each, for error messages; fetch_instructions() says more
     "counterfact": f"{_MEMIT_DSETS}counterfact.json (or multi_counterfact.json).",
     "zsre": f"{_MEMIT_DSETS}zsre_mend_eval.json.",
@@ -128,7 +132,12 @@ def fetch_instructions(kind: str) -> str:
             "For example:\n"
             f"  curl -L -o counterfact.json {_MEMIT_DSETS}counterfact.json\n"
             "The one-hop portability variant (counterfact_portability_gpt4.json) is in EasyEdit's\n"
-            f"editing-data bundle (portability/One Hop/), linked from the zjunlp/EasyEdit README:\n  {_EASYEDIT_BUNDLE}\n")
+            f"editing-data bundle (portability/One Hop/), linked from the zjunlp/EasyEdit README:\n  {_EASYEDIT_BUNDLE}\n"
+            f"{_BUNDLE_COPY}  curl -L -o counterfact_portability_gpt4.json '{_BUNDLE_RAW}portability/One%20Hop/"
+            "counterfact_portability_gpt4.json'\n  (1,031 records, sha256 fac215b3…c5ed)\n"
+            "counterfact_500.json (500 records drawn at random, seed 42, from counterfact.json; fedit's docs\n"
+            "measure on it) is data/counterfact_500.json in the GitHub repository furonglegend/Met:\n"
+            f"  curl -L -o counterfact_500.json {_MET_RAW}counterfact_500.json\n  (sha256 99a455fe…5803)\n")
     elif kind == "zsre":
         body = (
             "zsRE in the MEND/MEMIT eval schema is published by the ROME/MEMIT authors:\n"
@@ -136,7 +145,9 @@ def fetch_instructions(kind: str) -> str:
             "For example:\n"
             f"  curl -L -o zsre_mend_eval.json {_MEMIT_DSETS}zsre_mend_eval.json\n"
             "The one-hop portability variant (zsre_mend_eval_portability_gpt4.json) is in EasyEdit's\n"
-            f"editing-data bundle (portability/One Hop/), linked from the zjunlp/EasyEdit README:\n  {_EASYEDIT_BUNDLE}\n")
+            f"editing-data bundle (portability/One Hop/), linked from the zjunlp/EasyEdit README:\n  {_EASYEDIT_BUNDLE}\n"
+            f"{_BUNDLE_COPY}  curl -L -o zsre_mend_eval_portability_gpt4.json '{_BUNDLE_RAW}portability/One%20Hop/"
+            "zsre_mend_eval_portability_gpt4.json'\n  (1,037 records, sha256 0cf155da…ecd9)\n")
     elif kind == "known_1000":
         body = (
             "known_1000 (the causal-tracing facts of ROME; 1,209 records despite the name):\n"
@@ -156,6 +167,8 @@ def fetch_instructions(kind: str) -> str:
             "zjunlp/EasyEdit (Google Drive; a BaiduNetDisk mirror is linked there too):\n"
             f"  {_EASYEDIT_BUNDLE}\n"
             "Download the archive with a browser (or `gdown 1WRo2SqqgNtZF11Vq0sF5nL_-bHi18Wi4`) and unzip it.\n"
+            f"{_BUNDLE_COPY}  curl -L -o counterfact-edit.json {_BUNDLE_RAW}counterfact/counterfact-edit.json\n"
+            "  (10,000 records, sha256 20c225e6…b967)\n"
             "The three counterfact/ splits together hold all 21,919 CounterFact rewrites. The zsre/ and\n"
             "portability/One Hop/ files are in the MEND/ROME schemas: load them with kind 'zsre' or 'counterfact'.\n")
     return (f"{body}"
