@@ -122,7 +122,8 @@ class BaseEditor:
                       test_generation: bool = False, keep_original_weight: bool = False,
                       **kwargs: Any) -> tuple[list[dict], Any, Any]:
         """EasyEdit's ``edit_requests``: :meth:`edit` on request dicts."""
-        _refuse(kwargs, kwargs.pop("eval_metric", "token_em"))
+        eval_metric = kwargs.pop("eval_metric", "token_em")
+        _refuse(kwargs, eval_metric)
         return self.run(cases_from_dicts(requests), sequential_edit, keep_original_weight, verbose, test_generation)
 
     # --- the loop ------------------------------------------------------------------------

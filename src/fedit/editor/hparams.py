@@ -59,10 +59,6 @@ class EditorHparams:
     def device(self) -> str:
         return str(self.lm.device)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"alg_name": self.alg_name, "model_name": self.model_name, "batch_size": self.batch_size,
-                **dataclasses.asdict(self.hparams)}
-
     def __repr__(self) -> str:
         return f"EditorHparams({self.alg_name!r}, model={self.model_name!r}, {self.hparams!r})"
 
