@@ -179,7 +179,8 @@ class BaseEditor:
                 self._post(metrics, cases, raw_pre, list(range(len(cases))), test_generation)
             elif len(units) > 1 and not keep_original_weight:
                 for e in edits:  # computed on the unedited model each: their changes add up
-                    live.append(e.apply(lm.model, check_base=False) if isinstance(e, WeightDeltas) else e.apply(lm.model))
+                    weights = isinstance(e, WeightDeltas)
+                    live.append(e.apply(lm.model, check_base=False) if weights else e.apply(lm.model))
         except BaseException:
             for h in reversed(live):
                 h.revert()
