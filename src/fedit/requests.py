@@ -12,6 +12,9 @@ from fedit.errors import RequestError
 _FIELDS = ("prompt", "subject", "target_new", "target_true", "case_id")
 _EXAMPLE = ('{"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", '
             '"target_new": "English", "target_true": "French"}')
+# EasyEdit's form of the same request is accepted too (see :func:`is_easyedit`):
+# {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+#  "target_new": "English", "ground_truth": "French", "rephrase_prompt": ..., "locality_prompt": ...}
 
 
 @dataclass(frozen=True)
@@ -60,13 +63,7 @@ class EditRequest:
         ("The Eiffel Tower is in" with subject "Eiffel Tower") is accepted when the subject
         occurs in it exactly once."""
         if isinstance(prompt, str) and isinstance(subject, str) and "{}" not in prompt and subject.strip():
-            n = prompt.count(subject)
-            if n == 1:
-                prompt = prompt.replace(subject, "{}")
-            else:
-                raise RequestError(
-                    f"the subject {subject!r} occurs {n} times in the prompt {prompt!r} and the prompt has no '{{}}'.",
-                    "mark the subject's place with '{}' (e.g. \"{} is located in\") or spell it exactly once.")
+            prompt = template_from_sentence(prompt, subject)
         return cls(prompt=prompt, subject=subject, target_new=target_new, target_true=target_true, case_id=case_id)
 
     # --- derived text -----------------------------------------------------------------
@@ -87,7 +84,7 @@ class EditRequest:
         where = f"request #{index}" if index is not None else "request"
         if not isinstance(d, dict):
             raise RequestError(f"{where} is a {type(d).__name__}, not an object.", f"write each request as {_EXAMPLE}")
-        d = _normalise_known_schemas(d)
+        d = _normalise_known_schemas(d, where)
         unknown = sorted(set(d) - set(_FIELDS))
         if unknown:
             raise RequestError(f"{where} has unknown field(s) {unknown}.",
@@ -100,8 +97,59 @@ class EditRequest:
         return cls(**d)
 
 
-def _normalise_known_schemas(d: dict[str, Any]) -> dict[str, Any]:
-    """Accept the ROME/MEMIT ``requested_rewrite`` shape, as in CounterFact records."""
+# EasyEdit request fields that say how an edit is measured, not what it writes: accepted in
+# request dicts and left to the Editor / evaluation (``fedit.editor``), never part of the edit.
+EASYEDIT_PROBE_FIELDS = ("rephrase_prompt", "rephrase_prompts", "locality_prompt", "locality_ground_truth",
+                         "portability_prompt", "portability_ground_truth", "locality", "portability")
+# What EasyEdit writes when no ground truth is known.
+EASYEDIT_NO_ANSWER = "<|endoftext|>"
+
+
+def is_easyedit(d: dict[str, Any]) -> bool:
+    """An EasyEdit-style request: ``ground_truth`` or measurement fields, or a prompt that spells
+    the subject out instead of holding ``{}``."""
+    if "requested_rewrite" in d:
+        return False
+    prompt = d.get("prompt")
+    spelled = isinstance(prompt, str) and "{}" not in prompt and isinstance(d.get("subject"), str)
+    return spelled or "ground_truth" in d or any(k in d for k in EASYEDIT_PROBE_FIELDS)
+
+
+def template_from_sentence(prompt: str, subject: str, where: str = "request") -> str:
+    """EasyEdit's prompt (the subject written out) as fedit's template: the subject -> ``{}``.
+
+    Refuses a prompt that does not contain the subject, or contains it more than once."""
+    n = prompt.count(subject) if subject else 0
+    if n == 1:
+        return prompt.replace(subject, "{}")
+    fix = ("spell the subject in the prompt exactly as in 'subject' (EasyEdit style) or mark its place with '{}' "
+           "(\"{} is located in\")." if n == 0 else
+           "mark the place of the edited occurrence with '{}' and spell the others out.")
+    raise RequestError(f"{where}: the subject {subject!r} occurs {n} times in the prompt {prompt!r} and the prompt "
+                       "has no '{}'; a prompt that spells the subject out must contain it exactly once.", fix)
+
+
+def _from_easyedit(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """The edit part of an EasyEdit request: prompt as a template, ``ground_truth`` as
+    ``target_true`` (the first one of a list; EasyEdit's ``<|endoftext|>`` placeholder as none);
+    measurement fields dropped."""
+    out = {k: v for k, v in d.items() if k not in EASYEDIT_PROBE_FIELDS and k != "ground_truth"}
+    prompt, subject = d.get("prompt"), d.get("subject")
+    if isinstance(prompt, str) and isinstance(subject, str) and "{}" not in prompt:
+        out["prompt"] = template_from_sentence(prompt, subject, where)
+    truth = d.get("ground_truth")
+    if isinstance(truth, list):
+        truth = truth[0] if truth else None
+    if truth is not None and truth != EASYEDIT_NO_ANSWER:
+        out["target_true"] = truth
+    return out
+
+
+def _normalise_known_schemas(d: dict[str, Any], where: str = "request") -> dict[str, Any]:
+    """Accept the ROME/MEMIT ``requested_rewrite`` shape, as in CounterFact records, and
+    EasyEdit's request dicts (:func:`is_easyedit`)."""
+    if is_easyedit(d):
+        return _from_easyedit(d, where)
     if "requested_rewrite" in d and isinstance(d["requested_rewrite"], dict):
         rw = d["requested_rewrite"]
 

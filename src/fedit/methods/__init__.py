@@ -35,6 +35,7 @@ class Method:
     private_mkvs: bool = False
     takes_targets: bool = False  # accepts precomputed target vectors zs=
     needs_training: bool = False  # needs a trained editor (``fedit train``) before it edits
+    batch: bool = True  # edits several requests as one batch; False: one fact per edit (ROME), as EasyEdit does
     description: str = ""
 
     def run(self, lm, requests, hparams, resources: Resources, zs=None, state=None) -> EditOutcome:
@@ -66,7 +67,8 @@ def names(**capabilities: Any) -> list[str]:
     return sorted(n for n, m in METHODS.items() if all(getattr(m, k) == v for k, v in capabilities.items()))
 
 
-register(Method("rome", RomeHparams, compute_rome, description="rank-one update of one MLP layer, one fact at a time"))
+register(Method("rome", RomeHparams, compute_rome, batch=False,
+                description="rank-one update of one MLP layer, one fact at a time"))
 register(Method("memit", MemitHparams, compute_memit, private_mkvs=True, takes_targets=True,
                 description="many facts at once, spread over several MLP layers"))
 register(Method("pmet", PmetHparams, compute_pmet, private_mkvs=True, takes_targets=True,
