@@ -9,7 +9,7 @@ from fedit import WeightDeltas, edit
 from fedit.export import RankTooHighError, export_peft, low_rank_factors
 from fedit.testing import tiny_model
 
-from helpers import DARRIEUX, EIFFEL, FAST, JORDAN, resources
+from helpers import CORPUS, DARRIEUX, EIFFEL, FAST, JORDAN, resources, run_json
 
 peft = pytest.importorskip("peft")
 
@@ -71,3 +71,76 @@ def test_full_rank_edit_is_refused_with_the_dense_file_named(tmp_path):
     with pytest.raises(RankTooHighError, match="dense"):
         export_peft(wd, tmp_path / "a")
     assert not (tmp_path / "a").exists()  # nothing written
+
+
+def _edit_argv(model_dir, tmp_path, *extra):
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps(FAST))
+    return ["edit", "--method", "rome", "--prompt", "The {} is located in the city of", "--subject", "Eiffel Tower",
+            "--target", "Rome", "--layers", "1", "--hparams", str(hp), "--corpus", str(CORPUS),
+            "--model", str(model_dir), "--cache-dir", str(tmp_path / "cache"), "--json", *extra]
+
+
+def test_cli_edit_saves_adapter_and_model_folder_export_converts_a_file(tiny_model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fedit.cli.main import main
+
+    code, out = run_json(capsys, main, _edit_argv(tiny_model_dir, tmp_path, "--save", str(tmp_path / "lora"),
+                                                  "--format", "peft", "--out", str(tmp_path / "edited")))
+    assert code == 0 and out["format"] == "peft" and out["rank"] == 1 and out["out"] == str(tmp_path / "edited")
+    after = out["requests"][0]["after"]["target_prob"]
+    # the edited folder holds base + delta, and the adapter on the base gives the same logits
+    edited = AutoModelForCausalLM.from_pretrained(tmp_path / "edited").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "lora")).eval()
+    tok = tiny_model("gpt2").tokenizer
+    enc = tok([EIFFEL.filled_prompt], return_tensors="pt")
+    with torch.no_grad():
+        want, got = edited(**enc).logits, pm(**enc).logits
+        with pm.disable_adapter():
+            off = pm(**enc).logits
+    assert (want - got).abs().max() <= 1e-4 and (want - off).abs().max() > 1e-3
+
+    # a dense file of the same edit exports to the same adapter
+    code, out = run_json(capsys, main, _edit_argv(tiny_model_dir, tmp_path, "--save", str(tmp_path / "e.safetensors")))
+    assert code == 0 and out["requests"][0]["after"]["target_prob"] == pytest.approx(after, rel=1e-4)
+    code, out = run_json(capsys, main, ["export", str(tmp_path / "e.safetensors"), "--peft", str(tmp_path / "lora2"),
+                                        "--json"])
+    assert code == 0 and out["rank"] == 1 and out["adapter_numbers"] < out["dense_numbers"]
+    a = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "lora2" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5)
+    info = json.loads((tmp_path / "lora2" / "fedit_edit.json").read_text())
+    assert info["method"] == "rome" and info["requests"][0]["subject"] == "Eiffel Tower"
+
+
+def test_cli_refuses_bad_output_flags_and_falls_back_to_dense(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from fedit.cli import export as export_cli
+    from fedit.cli.main import main
+
+    code, out = run_json(capsys, main, _edit_argv(tiny_model_dir, tmp_path, "--format", "peft"))
+    assert code == 2 and "--save DIR" in out["error"]
+    # a full-rank file is refused by `fedit export` (the dense file is the edit) ...
+    lm = tiny_model("gpt2")
+    name = lm.adapter.w_out_param_name(1)
+    full = torch.randn(dict(lm.model.named_parameters())[name].shape, generator=torch.Generator().manual_seed(2))
+    WeightDeltas(deltas={name: full}, method="ft", model=lm.identity()).save(tmp_path / "full.safetensors")
+    code, out = run_json(capsys, main, ["export", str(tmp_path / "full.safetensors"), "--peft", str(tmp_path / "x"),
+                                        "--json"])
+    assert code == 2 and "rank" in out["error"] and "full.safetensors" in out["error"]
+    # ... and `fedit edit --format peft` keeps the dense file in the folder and says so
+    monkeypatch.setattr(export_cli, "DENSE_FALLBACK", "dense.safetensors")
+    import fedit.export as fx
+
+    def too_high(wd, folder, base_model=None):
+        raise RankTooHighError("rank 64 is too high.", "keep the dense file.", {"m": 64})
+
+    monkeypatch.setattr(fx, "export_peft", too_high)
+    code, out = run_json(capsys, main, _edit_argv(tiny_model_dir, tmp_path, "--save", str(tmp_path / "f"),
+                                                  "--format", "peft"))
+    assert code == 0 and out["format"] == "safetensors" and "too high" in out["fallback"]
+    assert WeightDeltas.load(tmp_path / "f" / "dense.safetensors").method == "rome"

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedit.cli import export as export_cli
 from fedit.errors import FeditError
 
 log = logging.getLogger("fedit.cli")
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", type=int, default=0, metavar="B",
                    help="apply the requests in batches of B, one after another (default: one batch)")
     p.add_argument("--save", help="write the edit (deltas + metadata) to this .safetensors file")
+    export_cli.edit_args(p)  # --format peft, --out DIR
 
     p = sub.add_parser("apply", help="apply a saved edit to a model")
     _common(p)
@@ -148,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fedit.cli.collab import register as register_collab
 
     fed.register(sub, _common)
+    export_cli.register(sub)
     register_collab(sub, _common, None)
     return ap
 
@@ -195,6 +198,7 @@ def cmd_edit(args) -> int:
     from fedit.api import combined, sequential_edit
     from fedit.requests import EditRequest, load_requests
 
+    export_cli.check_edit_outputs(args)
     if args.requests:
         if args.prompt or args.subject or args.target:
             raise FeditError("give either --requests FILE or --prompt/--subject/--target, not both.")
@@ -221,16 +225,14 @@ def cmd_edit(args) -> int:
                               resources=res)
     seconds = time.perf_counter() - t0
     _probe(lm, rows, "after")
-    if args.save:
-        combined(lm, results, requests).save(args.save)
+    saved = export_cli.save_edit(args, lm, lambda: combined(lm, results, requests))
     out = {"method": args.method, "model": lm.name, "seconds": round(seconds, 3),
            "requests": [{"prompt": r["request"].prompt, "subject": r["request"].subject, "target": r["target"],
                          "before": r["before"], "after": r["after"]} for r in rows]}
-    if args.save:
-        out["saved"] = str(args.save)
+    out.update(saved)
     text = _table(rows) + f"\n\n{args.method} on {lm.name}: {len(requests)} request(s) in {seconds:.1f} s"
-    if args.save:
-        text += f"; saved to {args.save}"
+    if saved:
+        text += f"; {export_cli.describe(saved)}"
     _emit(args, out, text)
     return 0
 
@@ -444,7 +446,8 @@ def cmd_collab(args) -> int:
 
 
 COMMANDS = {"edit": cmd_edit, "apply": cmd_apply, "revert": cmd_revert, "stats": cmd_stats, "demo": cmd_demo,
-            "eval": cmd_eval, "trace": cmd_trace, "datasets": cmd_datasets, "fed": cmd_fed, "collab": cmd_collab}
+            "eval": cmd_eval, "trace": cmd_trace, "datasets": cmd_datasets, "fed": cmd_fed, "collab": cmd_collab,
+            "export": export_cli.run}
 
 
 def main(argv: list[str] | None = None) -> int:
