@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from fedit.cli import export as export_cli
+from fedit.cli import progress as progress_cli
 from fedit.errors import FeditError
 
 log = logging.getLogger("fedit.cli")
@@ -26,6 +27,7 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
                    help="CPU threads for torch (default: torch's choice; 1 is often faster on a shared machine)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr (--json implies it)")
 
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
@@ -332,14 +334,13 @@ def cmd_eval(args) -> int:
     validate_for_tokenizer(lm.tokenizer, [r.request for r in records])
     cfg = EvalConfig(method=args.method, dataset=args.dataset, batch_size=args.batch_size,
                      sequential=args.sequential, fluency_records=args.fluency_n, track_batches=not args.final_only)
-    from tqdm.auto import tqdm
+    from fedit import progress
 
-    bar = tqdm(total=len(records), desc=f"{args.method} edits", unit="edit", disable=args.json)
     ckpt = Path(args.out) / "checkpoint"
-    report = evaluate(lm, records, cfg, overrides=overrides_from(args), hparams_file=args.hparams,
-                      resources=resources_from(args), progress=bar.update, checkpoint_dir=ckpt, resume=args.resume,
-                      pre_cache=cache_root(args.cache_dir) / "measurements")
-    bar.close()
+    with progress.task(f"{args.method} edits", total=len(records), unit="edit") as bar:
+        report = evaluate(lm, records, cfg, overrides=overrides_from(args), hparams_file=args.hparams,
+                          resources=resources_from(args), progress=bar.callback(), checkpoint_dir=ckpt,
+                          resume=args.resume, pre_cache=cache_root(args.cache_dir) / "measurements")
     files = write(report, args.out)
     if ckpt.exists():
         import shutil
@@ -459,12 +460,13 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    if getattr(args, "json", False):
+    if getattr(args, "json", False) or getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     try:
-        return COMMANDS[args.command](args)
+        with progress_cli.reporting_for(args):  # tqdm bars on stderr unless --json / --quiet
+            return COMMANDS[args.command](args)
     except FeditError as e:
         if getattr(args, "json", False):
             sys.stdout.write(json.dumps({"error": str(e)}) + "\n")
