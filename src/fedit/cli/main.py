@@ -21,7 +21,10 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         p.add_argument("--model", default=None, help="built-in name (default gemma-3-270m), local folder or hub name")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when present)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--dtype", default=None, help="weights: float32 (default), bfloat16, float16, or auto (the "
+                                                 "checkpoint's own); editing math stays float32/float64")
+    p.add_argument("--device-map", default=None, choices=["auto"],
+                   help="auto: spread the model over every GPU, then the CPU (accelerate), e.g. a 7B model in bfloat16")
     p.add_argument("--cache-dir", default=None, help="cache for models, statistics, templates (default $FEDIT_CACHE or ~/.cache/fedit)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is often faster on a shared machine)")
@@ -169,7 +172,8 @@ def _layers(text: str | None) -> list[int] | None:
 def _load(args):
     from fedit.models.loading import DEFAULT_MODEL, load_model
 
-    return load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    return load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+                      device_map=getattr(args, "device_map", None))
 
 
 def _emit(args, obj: dict, text: str) -> None:
