@@ -43,8 +43,10 @@ from fedit.collab.merge import MergeConfig, MergeError, solve, sum_stats
 from fedit.collab.protocol import FactDigest, resolve
 from fedit.collab.secure import CLIP, LEVELS, MAX_CLIENTS, MODULUS, NO_EXPONENT, decode, encode, exponents
 from fedit.collab.state import CollabState
+from fedit.extras import require
 from fedit.methods.vectors import LayerStats
 
+require("flwr", "collab")  # every app here runs on Flower: the [collab] extra
 log = logging.getLogger(__name__)
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedit.extras import require
 from fedit.federation.fededit import FedError
 from fedit.federation.settings import FedSettings, client_records
 
@@ -28,6 +29,7 @@ def run_federation(settings: FedSettings) -> dict[str, Any]:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    require("flwr.simulation", "fed")  # Flower's simulation engine (with Ray): the [fed] extra
     from flwr.simulation import run_simulation
 
     from fedit.federation.flower_apps import make_client_app, make_server_app
