@@ -144,3 +144,30 @@ def test_cli_refuses_bad_output_flags_and_falls_back_to_dense(tiny_model_dir, tm
                                                   "--format", "peft"))
     assert code == 0 and out["format"] == "safetensors" and "too high" in out["fallback"]
     assert WeightDeltas.load(tmp_path / "f" / "dense.safetensors").method == "rome"
+
+
+@pytest.mark.slow
+def test_default_model_adapter_equals_the_dense_edit(all_threads, tmp_path):
+    from fedit import EditRequest, Resources, load_model
+
+    lm = load_model()  # built-in gemma-3-270m, offline
+    facts = [EditRequest(prompt="The {} is located in the city of", subject="Eiffel Tower", target_new="Rome"),
+             EditRequest(prompt="{} plays the sport of", subject="Michael Jordan", target_new="soccer")]
+    wd = edit(lm, facts, method="memit", resources=Resources(), apply=False).deltas
+    enc = lm.tokenizer(["The Eiffel Tower is located in the city of"], return_tensors="pt")
+    with torch.no_grad():
+        base = lm.model(**enc).logits.float()
+        with wd.applied(lm.model):
+            dense = lm.model(**enc).logits.float()
+    info = export_peft(wd, tmp_path / "adapter")
+    assert info.rank <= 2 and info.adapter_numbers * 100 < info.dense_numbers
+    pm = peft.PeftModel.from_pretrained(lm.model, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        on = pm(**enc).logits.float()
+        with pm.disable_adapter():
+            off = pm(**enc).logits.float()
+    print(f"max |adapter - dense| = {(on - dense).abs().max():.2e}, |off - base| = {(off - base).abs().max():.2e}, "
+          f"rank {info.rank}, {info.adapter_numbers} vs {info.dense_numbers} numbers")
+    assert (on - dense).abs().max() <= 1e-4
+    assert (off - base).abs().max() <= 1e-5
+    assert lm.tokenizer.decode(on[0, -1].argmax()) == " Rome" != lm.tokenizer.decode(off[0, -1].argmax())
