@@ -8,6 +8,7 @@ measured on the final model.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import resource
@@ -92,8 +93,9 @@ def measure(lm, records: list[EvalRecord], batch_size: int = 32, share: bool = T
     # Scored about one batch of probes at a time so that progress moves per record.
     step = max(1, batch_size * len(records) // max(1, len(flat)))
     with progress.task("measuring", total=len(records), unit="record") as bar:
+        rec_of = [f[0] for f in flat]  # ascending: the probes of records lo..lo+step-1 are one slice
         for lo in range(0, len(records), step):
-            part = [f for f in flat if lo <= f[0] < lo + step]
+            part = flat[bisect.bisect_left(rec_of, lo):bisect.bisect_left(rec_of, lo + step)]
             scores = teacher_forced(lm, [f[2] for f in part], [f[3] for f in part], batch_size=batch_size, share=share)
             for (ri, g, _, _, i), s in zip(part, scores):
                 out[ri].setdefault(g, {})[i] = s
