@@ -151,16 +151,15 @@ def test_default_model_adapter_equals_the_dense_edit(all_threads, tmp_path):
     from fedit import EditRequest, Resources, load_model
 
     lm = load_model()  # built-in gemma-3-270m, offline
-    facts = [EditRequest(prompt="The {} is located in the city of", subject="Eiffel Tower", target_new="Rome"),
-             EditRequest(prompt="{} plays the sport of", subject="Michael Jordan", target_new="soccer")]
-    wd = edit(lm, facts, method="memit", resources=Resources(), apply=False).deltas
+    fact = EditRequest(prompt="The {} is located in the city of", subject="Eiffel Tower", target_new="Rome")
+    wd = edit(lm, [fact], method="rome", resources=Resources(), apply=False).deltas
     enc = lm.tokenizer(["The Eiffel Tower is located in the city of"], return_tensors="pt")
     with torch.no_grad():
         base = lm.model(**enc).logits.float()
         with wd.applied(lm.model):
             dense = lm.model(**enc).logits.float()
     info = export_peft(wd, tmp_path / "adapter")
-    assert info.rank <= 2 and info.adapter_numbers * 100 < info.dense_numbers
+    assert info.rank == 1 and info.adapter_numbers * 100 < info.dense_numbers
     pm = peft.PeftModel.from_pretrained(lm.model, str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         on = pm(**enc).logits.float()
