@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from fedit import progress as fedit_progress
 from fedit.core.moments import MomentSums, accumulate
 from fedit.corpus import Corpus, open_corpus
 from fedit.errors import StatsError
@@ -81,25 +82,22 @@ def second_moments(lm, layers: list[int], corpus: str | Path | Corpus | None = N
             log.warning("ignoring unreadable partial statistics %s (%s); starting over", partial, e)
             running = None
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=samples, initial=running.chunks if running else 0, disable=not progress,
-               desc=f"second moments, layers {missing}", unit="chunk")
-    last = [time.monotonic()]
-
-    def checkpoint(st: MomentSums, n: int) -> None:
-        bar.update(n)
-        if time.monotonic() - last[0] >= checkpoint_seconds:
-            _atomic_save({f"sum{l}": st.sums[l] for l in missing},
-                         {"tokens": str(st.tokens), "chunks": str(st.chunks)}, partial)
-            last[0] = time.monotonic()
-
     done = running.chunks if running else 0
     chunks = islice(corpus.chunks(lm.tokenizer, seq_len), done, samples)
     big = max(lm.adapter.w_out_dims(l)[1] for l in missing) > 8192  # float64 would not fit for GPT-J
-    running = accumulate(lm, missing, chunks, running, batch_size=batch_size,
-                         accum_dtype=torch.float32 if big else torch.float64, on_batch=checkpoint)
-    bar.close()
+    last = [time.monotonic()]
+    with fedit_progress.task(f"second moments, layers {missing}", total=samples, unit="chunk", initial=done,
+                             enabled=progress) as bar:
+
+        def checkpoint(st: MomentSums, n: int) -> None:
+            bar.update(n)
+            if time.monotonic() - last[0] >= checkpoint_seconds:
+                _atomic_save({f"sum{l}": st.sums[l] for l in missing},
+                             {"tokens": str(st.tokens), "chunks": str(st.chunks)}, partial)
+                last[0] = time.monotonic()
+
+        running = accumulate(lm, missing, chunks, running, batch_size=batch_size,
+                             accum_dtype=torch.float32 if big else torch.float64, on_batch=checkpoint)
     if running.tokens == 0:
         raise StatsError(f"corpus {corpus.id} gave no tokens.", "use a corpus with text in it.")
     if running.chunks < samples:

@@ -62,6 +62,7 @@ def output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="print exactly one JSON object on stdout (errors too) and no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO) on stderr")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr (--json implies it)")
 
 
 def model_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
@@ -72,7 +73,12 @@ def model_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
         p.add_argument("--model", default=None,
                        help=f"built-in name, local folder or hub name (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when present, else cpu)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32)")
+    p.add_argument("--dtype", default=None,
+                   help="weights: float32, bfloat16, float16, or auto (the checkpoint's own); editing math stays "
+                        "float32/float64 (default: float32)")
+    p.add_argument("--device-map", default=None, choices=["auto"],
+                   help="auto: spread the model over every GPU, then the CPU (accelerate), e.g. a 7B model in "
+                        "bfloat16 (default: one device)")
     p.add_argument("--cache-dir", default=None,
                    help="cache for models, statistics, templates (default: $FEDIT_CACHE or ~/.cache/fedit)")
     p.add_argument("--threads", type=int, default=None,
@@ -200,7 +206,8 @@ def load(args):
     """The model of ``--model`` (default: the built-in one) with ``--device``/``--dtype``."""
     from fedit.models.loading import DEFAULT_MODEL, load_model
 
-    return load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    return load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+                      device_map=getattr(args, "device_map", None))
 
 
 def provenance(lm=None, **kw) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from fedit.cli import common
+from fedit.cli import export as export_cli
 from fedit.errors import FeditError
 
 
@@ -21,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("--requests", help="JSON/JSONL file of requests (instead of --prompt/--subject/--target)")
     p.add_argument("--sequential", type=int, default=0, metavar="B",
                    help="apply the requests in batches of B, one after another (default: 0, one batch)")
-    p.add_argument("--save", help="write the edit (deltas + metadata) to this .safetensors file")
+    p.add_argument("--save", help="write the edit (deltas + metadata) to this .safetensors file (default: not saved)")
+    export_cli.edit_args(p)  # --format peft, --out DIR
     p.set_defaults(run=run)
 
 
@@ -45,6 +47,7 @@ def run(args) -> int:
     from fedit.provenance import data_file
 
     requests = _requests(args)
+    export_cli.check_edit_outputs(args)
     common.sets_from(args, args.method)  # refuse a bad --set before loading the model
     lm = common.load(args)
     validate_for_tokenizer(lm.tokenizer, requests)
@@ -59,15 +62,13 @@ def run(args) -> int:
                               hparams_file=args.hparams, resources=common.resources_from(args))
     seconds = time.perf_counter() - t0
     common.probe(lm, rows, "after")
-    if args.save:
-        combined(lm, results, requests).save(args.save)
+    saved = export_cli.save_edit(args, lm, lambda: combined(lm, results, requests))
     out = {"method": args.method, "model": lm.name, "seconds": round(seconds, 3), "requests": common.rows_json(rows)}
-    if args.save:
-        out["saved"] = str(args.save)
+    out.update(saved)
     out["provenance"] = common.provenance(lm, method=args.method, hparams=hp, sources=sources,
                                           data=data_file(args.requests, "requests") if args.requests else None)
     text = common.table(rows) + f"\n\n{args.method} on {lm.name}: {len(requests)} request(s) in {seconds:.1f} s"
-    if args.save:
-        text += f"; saved to {args.save}"
+    if saved:
+        text += f"; {export_cli.describe(saved)}"
     common.emit(args, out, text)
     return 0

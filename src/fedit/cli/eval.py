@@ -33,8 +33,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from tqdm.auto import tqdm
-
+    from fedit import progress
     from fedit.core.tokens import validate_for_tokenizer
     from fedit.data.loaders import load_records
     from fedit.evaluate.report import markdown, write
@@ -50,12 +49,11 @@ def run(args) -> int:
     prov = common.provenance(lm, method=args.method, hparams=hp, sources=sources, data=data_file(args.data, args.dataset))
     cfg = EvalConfig(method=args.method, dataset=args.dataset, batch_size=args.batch_size,
                      sequential=args.sequential, fluency_records=args.fluency_n, track_batches=not args.final_only)
-    bar = tqdm(total=len(records), desc=f"{args.method} edits", unit="edit", disable=args.json)
     ckpt = Path(args.out) / "checkpoint"
-    report = evaluate(lm, records, cfg, overrides=common.overrides_from(args, args.method), hparams_file=args.hparams,
-                      resources=common.resources_from(args), progress=bar.update, checkpoint_dir=ckpt,
-                      resume=args.resume, pre_cache=cache_root(args.cache_dir) / "measurements")
-    bar.close()
+    with progress.task(f"{args.method} edits", total=len(records), unit="edit") as bar:
+        report = evaluate(lm, records, cfg, overrides=common.overrides_from(args, args.method),
+                          hparams_file=args.hparams, resources=common.resources_from(args), progress=bar.callback(),
+                          checkpoint_dir=ckpt, resume=args.resume, pre_cache=cache_root(args.cache_dir) / "measurements")
     report["provenance"] = prov
     files = write(report, args.out)
     if ckpt.exists():

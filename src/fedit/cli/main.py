@@ -8,10 +8,12 @@ import importlib
 import sys
 
 from fedit.cli import common
+from fedit.cli import progress as progress_cli
 from fedit.errors import FeditError
 
 # In the order ``fedit --help`` lists them.
-COMMANDS = ["edit", "apply", "revert", "stats", "eval", "trace", "datasets", "hparams", "demo", "fed", "collab"]
+COMMANDS = ["edit", "apply", "revert", "export", "stats", "eval", "trace", "datasets", "hparams", "demo", "fed",
+            "collab"]
 
 
 def build_parser() -> common.Parser:
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args.json = args.json or args.json_first
     common.configure(args)
     try:
-        return args.run(args)
+        with progress_cli.reporting_for(args):  # tqdm bars on stderr unless --json / --quiet
+            return args.run(args)
     except FeditError as e:
         return common.fail(e, args.json)
     except Exception as e:  # noqa: BLE001 - under --json the one JSON object on stdout is the error

@@ -92,13 +92,12 @@ def run(args) -> int:
     out: dict = {"model": lm.name, "kinds": kinds, "samples": args.samples, "window": args.window, "seed": args.seed,
                  "noise_level": level}
     if args.dataset:
-        from tqdm.auto import tqdm
+        from fedit import progress
 
-        bar = tqdm(total=args.n, desc="tracing facts", unit="fact", disable=args.json)
-        res = trace_records(lm, records, args.n, kinds, noise=level, samples=args.samples, window=args.window,
-                            seed=args.seed, cache_dir=args.cache_dir, progress=bar.update,
-                            known_only=not args.include_unknown)
-        bar.close()
+        with progress.task("tracing facts", total=args.n, unit="fact") as bar:
+            res = trace_records(lm, records, args.n, kinds, noise=level, samples=args.samples, window=args.window,
+                                seed=args.seed, cache_dir=args.cache_dir, progress=bar.callback(),
+                                known_only=not args.include_unknown)
         maps = [res["averages"][k] for k in kinds]
         out.update(mode="dataset", n=len(res["facts"]), scanned=res["scanned"], skipped_unknown=res["skipped"],
                    facts=res["facts"], maps={k: m.to_dict() for k, m in zip(kinds, maps)})

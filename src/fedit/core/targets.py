@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from fedit import progress
 from fedit.core.hooks import call_block, capture, edit_output, record_block_calls
 from fedit.core.tokens import last_token_of_span, pad, pad_id, subject_batch, target_ids
 from fedit.requests import EditRequest
@@ -119,16 +120,19 @@ def compute_targets(lm, requests: list[EditRequest], templates: list[str], cfg: 
         out = [cache.get(k) for k in keys]
     todo = [i for i, r in enumerate(out) if r is None]
     bs = max(1, batch_size)
-    for s in range(0, len(todo), bs):
-        idx = todo[s:s + bs]
-        for i, r in zip(idx, _optimise(lm, [requests[i] for i in idx], templates, cfg)):
-            out[i] = r
-            if keys is not None:
-                cache.put(keys[i], r)
+    batches = [todo[s:s + bs] for s in range(0, len(todo), bs)]
+    with progress.task("target vectors", total=len(batches) * cfg.steps, unit="step") as bar:
+        for b, idx in enumerate(batches):
+            which = f"{b * bs + 1}-{b * bs + len(idx)}" if len(idx) > 1 else f"{b * bs + 1}"
+            for i, r in zip(idx, _optimise(lm, [requests[i] for i in idx], templates, cfg, bar, f"{which}/{len(todo)}")):
+                out[i] = r
+                if keys is not None:
+                    cache.put(keys[i], r)
     return out
 
 
-def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: TargetConfig) -> list[TargetResult]:
+def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: TargetConfig,
+              bar: progress.Task = progress.Task(None), which: str = "") -> list[TargetResult]:
     t0 = time.perf_counter()
     tok, ad, dev = lm.tokenizer, lm.adapter, lm.device
     n, R = len(requests), len(templates)
@@ -225,7 +229,10 @@ def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: Target
         for i in torch.nonzero(active).flatten().tolist():
             history[i].append(float(nll[i].detach()))
         active &= nll.detach() >= cfg.nll_stop
-        if it == cfg.steps or not bool(active.any()):
+        stop = it == cfg.steps or not bool(active.any())
+        bar.update(cfg.steps - it if stop else 1, request=which, step=f"{it + (not stop)}/{cfg.steps}",
+                   nll=float(nll.detach().mean()))  # an early stop moves the bar to the batch's end
+        if stop:
             break
         frozen = [d.detach().clone() for d in deltas]
         opt.zero_grad()

@@ -8,6 +8,7 @@ measured on the final model.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import resource
@@ -22,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from fedit import progress
 from fedit.api import edit
 from fedit.core.probe import teacher_forced
 from fedit.core.tokens import pad_id
@@ -112,10 +114,17 @@ def measure(lm, records: list[EvalRecord], batch_size: int = 32, share: bool = T
     ``share``: probes whose inputs coincide (the new and the true target after one prompt) are
     read from one forward pass (:func:`fedit.core.probe.teacher_forced`)."""
     flat = [(ri, g, p, a, i) for ri, r in enumerate(records) for (g, p, a, i) in _probes(r)]
-    scores = teacher_forced(lm, [f[2] for f in flat], [f[3] for f in flat], batch_size=batch_size, share=share)
     out: list[dict[str, Any]] = [{} for _ in records]
-    for (ri, g, _, _, i), s in zip(flat, scores):
-        out[ri].setdefault(g, {})[i] = s
+    # Scored about one batch of probes at a time so that progress moves per record.
+    step = max(1, batch_size * len(records) // max(1, len(flat)))
+    with progress.task("measuring", total=len(records), unit="record") as bar:
+        rec_of = [f[0] for f in flat]  # ascending: the probes of records lo..lo+step-1 are one slice
+        for lo in range(0, len(records), step):
+            part = flat[bisect.bisect_left(rec_of, lo):bisect.bisect_left(rec_of, lo + step)]
+            scores = teacher_forced(lm, [f[2] for f in part], [f[3] for f in part], batch_size=batch_size, share=share)
+            for (ri, g, _, _, i), s in zip(part, scores):
+                out[ri].setdefault(g, {})[i] = s
+            bar.update(min(step, len(records) - lo))
     return out
 
 

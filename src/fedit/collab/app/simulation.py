@@ -13,6 +13,9 @@ from fedit.collab.settings import CollabSettings
 
 def run_simulation(s: CollabSettings, lm=None, res=None, num_cpus: int = 1) -> tuple[dict[str, Any], dict]:
     """Run both apps in Flower's simulation engine (Ray, ``num_cpus`` actors); returns (report, Δs)."""
+    from fedit.extras import require
+
+    require("flwr.simulation", "collab")  # Flower's simulation engine (with Ray)
     from fedit.federation.flower import configure_environment
 
     configure_environment()

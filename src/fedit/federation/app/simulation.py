@@ -19,6 +19,9 @@ def backend_config(settings: FedSettings) -> dict[str, Any]:
 
 def run_federation(settings: FedSettings) -> dict[str, Any]:
     """Run the Flower simulation; return what the ServerApp wrote (federation.json)."""
+    from fedit.extras import require
+
+    require("flwr.simulation", "fed")  # Flower's simulation engine (with Ray)
     from fedit.federation.flower import configure_environment
 
     configure_environment()
