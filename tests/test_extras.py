@@ -48,8 +48,8 @@ def test_require_names_the_extra_and_the_pip_command():
 
 
 @pytest.mark.parametrize("module, blocked, extra", [
-    ("fedit.federation.flower_apps", "flwr", "fed"),
-    ("fedit.federation.collab_flower", "flwr", "collab"),
+    ("fedit.federation.app.client_app", "flwr", "fed"),
+    ("fedit.collab.app.client_app", "flwr", "collab"),
 ])
 def test_flower_code_without_flower_names_its_extra(module, blocked, extra):
     r = _python(f"""
