@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fed.register(sub, _common)
     register_collab(sub, _common, None)
+    ui_command.register(sub)
     return ap
 
 
@@ -445,6 +446,8 @@ def cmd_collab(args) -> int:
 
 COMMANDS = {"edit": cmd_edit, "apply": cmd_apply, "revert": cmd_revert, "stats": cmd_stats, "demo": cmd_demo,
             "eval": cmd_eval, "trace": cmd_trace, "datasets": cmd_datasets, "fed": cmd_fed, "collab": cmd_collab}
+from fedit.cli import ui as ui_command  # noqa: E402  (one module per command)
+COMMANDS["ui"] = ui_command.run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,112 @@
+"""Long operations off the request thread: one worker thread runs jobs in order (one model per
+server, so model work is never concurrent); the page polls a job's status by id.
+
+A job's progress text is what the job reports through its ``progress`` callback, replaced by
+any INFO message fedit's library logs while it runs."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fedit.errors import FeditError
+
+log = logging.getLogger(__name__)
+
+Work = Callable[[Callable[[str], None]], Any]  # work(progress) -> JSON-able result
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    state: str = "queued"  # queued, running, done, error
+    progress: str = "waiting for the model"
+    started: float | None = None
+    ended: float | None = None
+    result: Any = None
+    error: str | None = None
+    _work: Work | None = field(default=None, repr=False)
+
+    def status(self) -> dict:
+        """What the page polls: state, progress text, seconds so far, result or error message."""
+        end = self.ended or time.time()
+        return {"id": self.id, "kind": self.kind, "state": self.state, "progress": self.progress,
+                "seconds": round(end - self.started, 1) if self.started else 0.0,
+                "result": self.result, "error": self.error}
+
+
+class _LogToJob(logging.Handler):
+    """Shows fedit's INFO log lines emitted on the worker thread as the running job's progress."""
+
+    def __init__(self, jobs: "Jobs"):
+        super().__init__(logging.INFO)
+        self.jobs = jobs
+
+    def emit(self, record: logging.LogRecord) -> None:
+        job = self.jobs.current
+        if job is not None and record.thread == self.jobs.thread_id:
+            job.progress = record.getMessage()
+
+
+class Jobs:
+    """A queue of jobs run one at a time on a daemon thread."""
+
+    def __init__(self, keep: int = 50):
+        self._jobs: dict[str, Job] = {}
+        self._queue: queue.Queue[Job] = queue.Queue()
+        self._ids = itertools.count(1)
+        self._keep = keep
+        self.current: Job | None = None
+        self._thread = threading.Thread(target=self._loop, name="fedit-ui-worker", daemon=True)
+        self._thread.start()
+        self.thread_id = self._thread.ident
+        self._handler = _LogToJob(self)
+        fedit_log = logging.getLogger("fedit")
+        fedit_log.addHandler(self._handler)
+        if fedit_log.getEffectiveLevel() > logging.INFO:
+            fedit_log.setLevel(logging.INFO)  # records must exist for the handler to see them
+
+    def submit(self, kind: str, work: Work) -> Job:
+        """Queue ``work(progress)``; returns the job at once (state "queued")."""
+        job = Job(id=str(next(self._ids)), kind=kind, _work=work)
+        self._jobs[job.id] = job
+        for old in list(self._jobs)[:-self._keep]:
+            if self._jobs[old].state in ("done", "error"):
+                del self._jobs[old]
+        self._queue.put(job)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def busy(self) -> bool:
+        return self.current is not None or not self._queue.empty()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            self.current = job
+            job.state, job.started = "running", time.time()
+
+            def progress(text: str, job: Job = job) -> None:
+                job.progress = text
+
+            try:
+                job.result = job._work(progress)
+                job.state, job.progress = "done", "done"
+            except FeditError as e:
+                job.state, job.error = "error", str(e)
+            except Exception as e:  # an unexpected failure: the page gets one line, the log the traceback
+                log.error("job %s (%s) failed:\n%s", job.id, job.kind, traceback.format_exc())
+                job.state, job.error = "error", f"{type(e).__name__}: {e}"
+            finally:
+                job.ended = time.time()
+                job._work = None
+                self.current = None
