@@ -334,6 +334,9 @@ def test_page_edits_reverts_and_shows_errors(server, tmp_path):
         assert first.find_element(By.CSS_SELECTOR, "td.gen-after").text.strip()
         before = [(num(r, "p-new-before"), num(r, "p-true-before")) for r in rows]
         assert d.find_elements(By.CSS_SELECTOR, "#edits a.dl-safetensors")
+        from fedit.ui.session import peft_exporter
+
+        assert bool(d.find_elements(By.CSS_SELECTOR, "#edits a.dl-peft")) == (peft_exporter() is not None)
         d.save_screenshot(str(tmp_path / "ui-edited.png"))
 
         d.find_element(By.ID, "revert-btn").click()
@@ -349,3 +352,47 @@ def test_page_edits_reverts_and_shows_errors(server, tmp_path):
             shutil.copy(tmp_path / "ui-edited.png", os.environ["FEDIT_UI_SCREENSHOT"])
     finally:
         d.quit()
+
+
+def test_progress_text_shows_stage_and_library_tasks():
+    from fedit.ui.jobs import TextReporter
+
+    shown = []
+    rep = TextReporter(shown.append)
+    rep.set_stage("computing the rome edit")
+    outer = rep.open("target vectors", 20, "step", 0)
+    outer.update(7)
+    outer.set_postfix({"loss": "0.42"})
+    assert shown[-1] == "computing the rome edit · target vectors 7/20 step, loss=0.42"
+    inner = rep.open("statistics", None, "chunk", 1)
+    inner.update(3)
+    assert shown[-1].endswith("· statistics 3 chunk")
+    inner.close()
+    outer.close()
+    assert shown[-1] == "computing the rome edit"
+
+
+def test_library_progress_reaches_the_job():
+    from fedit.ui.jobs import Jobs
+
+    try:  # fedit.progress is where library code reports its tasks (where this fedit has it)
+        from fedit import progress
+    except ImportError:
+        progress = None
+    jobs = Jobs()
+
+    def work(stage):
+        stage("editing")
+        if progress is None:
+            return jobs.current.progress
+        with progress.task("target vectors", total=4, unit="step") as t:
+            t.update(1, loss=0.5)
+            return jobs.current.progress
+
+    job = jobs.submit("test", work)
+    end = time.monotonic() + HANG
+    while job.state in ("queued", "running"):
+        assert time.monotonic() < end
+        time.sleep(0.01)
+    assert job.state == "done", job.error
+    assert job.result == ("editing" if progress is None else "editing · target vectors 1/4 step, loss=0.5")

@@ -1,8 +1,9 @@
 """Long operations off the request thread: one worker thread runs jobs in order (one model per
 server, so model work is never concurrent); the page polls a job's status by id.
 
-A job's progress text is what the job reports through its ``progress`` callback, replaced by
-any INFO message fedit's library logs while it runs."""
+A job's progress text is the stage the job reports through its ``progress`` callback, followed
+by the tasks fedit's library reports while it runs (``fedit.progress``, where installed: e.g.
+"target vectors 7/20 step, loss=0.42"), or the last INFO line fedit logs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import queue
 import threading
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -55,6 +57,68 @@ class _LogToJob(logging.Handler):
             job.progress = record.getMessage()
 
 
+class TextReporter:
+    """A ``fedit.progress`` reporter that writes one line of text: the stage, then every open task
+    with its count and latest values, outermost first."""
+
+    def __init__(self, show: Callable[[str], None]):
+        self._show = show
+        self.stage = ""
+        self._open: list[_TextBar] = []
+
+    def set_stage(self, text: str) -> None:
+        self.stage = text
+        self.render()
+
+    def open(self, desc: str, total: float | None, unit: str, depth: int, initial: float = 0) -> "_TextBar":
+        bar = _TextBar(self, desc, total, unit, initial)
+        self._open.append(bar)
+        self.render()
+        return bar
+
+    def render(self) -> None:
+        self._show(" · ".join([self.stage] * bool(self.stage) + [b.text() for b in self._open]))
+
+    def closed(self, bar: "_TextBar") -> None:
+        self._open = [b for b in self._open if b is not bar]
+        self.render()
+
+
+@dataclass
+class _TextBar:
+    reporter: TextReporter
+    desc: str
+    total: float | None
+    unit: str
+    n: float = 0
+    values: dict = field(default_factory=dict)
+
+    def text(self) -> str:
+        count = f"{self.n:g}/{self.total:g}" if self.total else f"{self.n:g}"
+        extra = ", ".join(f"{k}={v}" for k, v in self.values.items())
+        return f"{self.desc} {count} {self.unit}" + (f", {extra}" if extra else "")
+
+    def update(self, n: float) -> None:
+        self.n += n
+        self.reporter.render()
+
+    def set_postfix(self, values: dict) -> None:
+        self.values = dict(values)
+        self.reporter.render()
+
+    def close(self) -> None:
+        self.reporter.closed(self)
+
+
+def _reporting(reporter: TextReporter):
+    """Install ``reporter`` for fedit's library progress where this fedit has ``fedit.progress``."""
+    try:
+        from fedit import progress as library_progress
+    except ImportError:
+        return nullcontext()
+    return library_progress.reporting(reporter)
+
+
 class Jobs:
     """A queue of jobs run one at a time on a daemon thread."""
 
@@ -95,11 +159,13 @@ class Jobs:
             self.current = job
             job.state, job.started = "running", time.time()
 
-            def progress(text: str, job: Job = job) -> None:
+            def show(text: str, job: Job = job) -> None:
                 job.progress = text
 
+            reporter = TextReporter(show)
             try:
-                job.result = job._work(progress)
+                with _reporting(reporter):
+                    job.result = job._work(reporter.set_stage)
                 job.state, job.progress = "done", "done"
             except FeditError as e:
                 job.state, job.error = "error", str(e)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import importlib
+import importlib.util
 import logging
 import tempfile
 import time
@@ -27,10 +28,12 @@ Progress = Callable[[str], None]
 
 
 def peft_exporter() -> Callable | None:
-    """``fedit.export.peft.export_peft`` when that module is installed, else None (the page then
-    offers safetensors only)."""
+    """``fedit.export.export_peft(deltas, out_dir)`` where this fedit has it and ``peft`` is
+    installed (the ``[peft]`` extra), else None: the page then offers safetensors only."""
+    if importlib.util.find_spec("peft") is None:
+        return None
     try:
-        mod = importlib.import_module("fedit.export.peft")
+        mod = importlib.import_module("fedit.export")
     except ImportError:
         return None
     return getattr(mod, "export_peft", None)
