@@ -396,3 +396,14 @@ def test_library_progress_reaches_the_job():
         time.sleep(0.01)
     assert job.state == "done", job.error
     assert job.result == ("editing" if progress is None else "editing · target vectors 1/4 step, loss=0.5")
+
+
+def test_generations_drop_added_special_tokens():
+    from types import SimpleNamespace
+
+    from fedit.ui.measure import special_ids
+
+    # Gemma 3's <start_of_image> is an added special token missing from all_special_ids
+    tok = SimpleNamespace(all_special_ids=[1], added_tokens_decoder={255999: SimpleNamespace(special=True),
+                                                                     7: SimpleNamespace(special=False)})
+    assert special_ids(tok) == {1, 255999}

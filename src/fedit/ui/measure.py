@@ -27,15 +27,23 @@ class ProbeSet:
                 + [("neighbour", p) for p in self.neighbours])
 
 
+def special_ids(tok) -> set[int]:
+    """Ids of special tokens, including added ones the tokenizer does not list as special
+    (Gemma 3's ``<start_of_image>`` and its other multimodal markers)."""
+    added = getattr(tok, "added_tokens_decoder", None) or {}
+    return set(tok.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+
+
 @torch.no_grad()
 def greedy(lm, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy continuation of each prompt (``max_new_tokens`` tokens, special tokens dropped)."""
     tok, texts = lm.tokenizer, []
+    special = special_ids(tok)
     for p in prompts:
         ids = torch.tensor([encode(tok, p)], device=lm.device)  # [1, T]
         out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id(tok))
-        texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        texts.append(tok.decode([i for i in out[0, ids.shape[1]:].tolist() if i not in special]))
     return texts
 
 
