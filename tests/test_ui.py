@@ -95,7 +95,7 @@ def test_edit_revert_download(client, lm, tmp_path):
     before, after = s["before"][0], s["after"][0]
     assert after["p_new"] > before["p_new"]
     assert all(isinstance(r["generation"], str) and r["generation"] for r in s["after"])
-    assert s["applied"] and s["overrides"] == OVERRIDES
+    assert s["applied"] and s["overrides"] == OVERRIDES and s["downloadable"] and s["weight_edit"]
     changed = [n for n, p in lm.model.named_parameters() if not torch.equal(p, weights[n])]
     assert changed, "the edit is applied to the served model"
 

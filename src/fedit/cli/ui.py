@@ -45,7 +45,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="eval report folder to show in the report panel (default: none)")
     p.add_argument("--store", default=None, help="MKV store to show in the store panel (default: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the page's address when it is up")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO) on stderr")
+    p.set_defaults(run=run)
     return p
 
 

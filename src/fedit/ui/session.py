@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from fedit.deltas import WeightDeltas
 from fedit.errors import FeditError
 from fedit.methods import METHODS, Resources, get_method, hparams_for, names
 from fedit.requests import EditRequest
@@ -58,7 +59,8 @@ class EditEntry:
         return {"id": self.id, "method": self.method, "request": r.to_dict(), "filled": r.filled_prompt,
                 "overrides": self.overrides, "seconds": round(self.seconds, 2), "applied": self.reverted is None,
                 "before": self.before, "after": self.after, "reverted": self.reverted,
-                "downloadable": hasattr(self.result.deltas, "save")}
+                "downloadable": hasattr(self.result.deltas, "save"),
+                "weight_edit": isinstance(self.result.deltas, WeightDeltas)}  # has a PEFT (LoRA) form
 
 
 @dataclass
@@ -152,7 +154,11 @@ class Session:
         if fmt == "peft":
             export = peft_exporter()
             if export is None:
-                raise FeditError("PEFT export is not available in this installation.", "download the safetensors file.")
+                raise FeditError("PEFT export is not available in this installation.",
+                                 "pip install 'fedit[peft]', or download the safetensors file.")
+            if not isinstance(deltas, WeightDeltas):
+                raise FeditError(f"a {entry.method} edit does not change weights, so it has no LoRA form.",
+                                 "download the safetensors file.")
             out = folder / f"edit-{edit_id}-{entry.method}-peft"
             export(deltas, out)
             return out

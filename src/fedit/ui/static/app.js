@@ -143,7 +143,7 @@ function renderEdits() {
     const links = el("td");
     if (s.downloadable) {
       links.append(el("a", {href: `/api/edits/${s.id}/download?format=safetensors`, class: "dl-safetensors"}, "safetensors"));
-      if (info.peft) links.append(" ", el("a", {href: `/api/edits/${s.id}/download?format=peft`, class: "dl-peft"}, "PEFT adapter"));
+      if (info.peft && s.weight_edit) links.append(" ", el("a", {href: `/api/edits/${s.id}/download?format=peft`, class: "dl-peft"}, "PEFT adapter"));
     }
     const tr = el("tr", {dataset: {edit: s.id}}, el("td", {}, s.id), el("td", {}, s.method),
       el("td", {}, `${s.filled} → ${s.request.target_new}`), el("td", {class: "num"}, s.seconds),
