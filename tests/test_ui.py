@@ -407,3 +407,20 @@ def test_generations_drop_added_special_tokens():
     tok = SimpleNamespace(all_special_ids=[1], added_tokens_decoder={255999: SimpleNamespace(special=True),
                                                                      7: SimpleNamespace(special=False)})
     assert special_ids(tok) == {1, 255999}
+
+
+def test_jobs_run_in_order_and_stay_listed_until_they_end():
+    import threading
+
+    from fedit.ui.jobs import Jobs
+
+    jobs, gate = Jobs(), threading.Event()
+    first = jobs.submit("edit", lambda stage: gate.wait(HANG))
+    second = jobs.submit("trace", lambda stage: first.state)
+    assert [j["id"] for j in jobs.pending()] == [first.id, second.id]  # a reloaded page polls these
+    gate.set()
+    end = time.monotonic() + HANG
+    while second.state != "done":
+        assert time.monotonic() < end and second.state != "error"
+        time.sleep(0.01)
+    assert second.result == "done" and jobs.pending() == []

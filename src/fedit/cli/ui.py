@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from fedit.errors import FeditError
@@ -65,6 +66,7 @@ def run(args) -> int:
     from fedit.models.loading import DEFAULT_MODEL, load_model
     from fedit.ui.session import Session
 
+    logging.getLogger("fedit").setLevel(logging.INFO)  # the page shows fedit's INFO lines as job progress
     lm = load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
     session = Session(lm, defaults=overrides, hparams_file=args.hparams,
                       resources=Resources(cache_dir=args.cache_dir, corpus=args.corpus))

@@ -2,7 +2,8 @@
 
 Model work (edit, revert, trace) is queued as a job and answered with its id at once; the page
 polls ``GET /api/jobs/{id}``. Every refusal is ``{"error": message}`` with status 400 (404 for
-unknown jobs), the message of the :class:`FeditError` that names the problem and the fix."""
+unknown jobs), the message of the :class:`FeditError` that names the problem and the fix; an
+unexpected failure is status 500 with one line, its traceback in the server's log."""
 
 from __future__ import annotations
 
@@ -48,6 +49,10 @@ def create_app(session: Session, facts: FactSources | None = None, jobs: Jobs | 
     async def fedit_error(_, e: FeditError):
         return JSONResponse({"error": str(e)}, status_code=400)
 
+    @app.exception_handler(Exception)
+    async def failure(_, e: Exception):  # unexpected: one line for the page, the traceback in the log
+        return JSONResponse({"error": f"{type(e).__name__}: {e}"}, status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def bad_request(_, e: RequestValidationError):
         where = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
@@ -59,7 +64,7 @@ def create_app(session: Session, facts: FactSources | None = None, jobs: Jobs | 
 
     @app.get("/api/info")
     def info():
-        return {**session.info(), "sources": facts.listing(), "busy": jobs.busy(),
+        return {**session.info(), "sources": facts.listing(), "pending": jobs.pending(),
                 "prefill": {"report": report or "", "store": store or ""}}
 
     @app.get("/api/facts")

@@ -131,11 +131,8 @@ class Jobs:
         self._thread = threading.Thread(target=self._loop, name="fedit-ui-worker", daemon=True)
         self._thread.start()
         self.thread_id = self._thread.ident
-        self._handler = _LogToJob(self)
-        fedit_log = logging.getLogger("fedit")
-        fedit_log.addHandler(self._handler)
-        if fedit_log.getEffectiveLevel() > logging.INFO:
-            fedit_log.setLevel(logging.INFO)  # records must exist for the handler to see them
+        # fedit's INFO lines reach the job where the "fedit" logger lets them through (fedit ui does)
+        logging.getLogger("fedit").addHandler(_LogToJob(self))
 
     def submit(self, kind: str, work: Work) -> Job:
         """Queue ``work(progress)``; returns the job at once (state "queued")."""
@@ -150,8 +147,9 @@ class Jobs:
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
-    def busy(self) -> bool:
-        return self.current is not None or not self._queue.empty()
+    def pending(self) -> list[dict]:
+        """Status of every job not yet ended, oldest first (a reloaded page resumes polling them)."""
+        return [j.status() for j in list(self._jobs.values()) if j.state in ("queued", "running")]
 
     def _loop(self) -> None:
         while True:

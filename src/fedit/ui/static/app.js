@@ -189,7 +189,10 @@ $("trace-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const body = {prompt: $("trace-prompt").value, subject: $("trace-subject").value, answer: $("trace-answer").value,
                 kind: $("trace-kind").value, samples: $("trace-samples").value};
-  const r = await runJob(() => api("/api/trace", body), "causal trace");
+  showTrace(await runJob(() => api("/api/trace", body), "causal trace"));
+});
+
+function showTrace(r) {
   if (!r) return;
   $("trace-out").hidden = false;
   $("trace-img").src = `data:image/png;base64,${r.png}`;
@@ -197,7 +200,7 @@ $("trace-form").addEventListener("submit", async (ev) => {
              `largest effect ${r.peak.effect.toFixed(4)} at token ${JSON.stringify(r.peak.token_text)}, layer ${r.peak.layer}`;
   if (r.recommendation) text += `. Recommended edit layers: ROME ${r.recommendation.rome_layer}, MEMIT ${JSON.stringify(r.recommendation.memit_layers)}`;
   $("trace-summary").textContent = text;
-});
+}
 
 // --- report panel -----------------------------------------------------------------------
 $("report-form").addEventListener("submit", async (ev) => {
@@ -252,6 +255,15 @@ $("store-form").addEventListener("submit", async (ev) => {
   } catch (e) { $("store-out").hidden = true; showError(e.message); }
 });
 
+// A job started before this page was (re)loaded: keep polling it and show what it returns.
+async function resumePending() {
+  for (const job of info.pending) {
+    const r = await runJob(async () => job, job.kind);
+    if (r && (job.kind === "edit" || job.kind === "revert")) upsertEdit(r);
+    if (r && job.kind === "trace") showTrace(r);
+  }
+}
+
 // --- start --------------------------------------------------------------------------------
 loadInfo().then(() => {
   fillMethods();
@@ -262,4 +274,5 @@ loadInfo().then(() => {
   const last = info.edits[info.edits.length - 1];
   if (last) renderResult(last);
   document.body.dataset.ready = "1";
+  resumePending();
 }).catch((e) => showError(`cannot reach the fedit server: ${e.message}`));
