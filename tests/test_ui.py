@@ -398,15 +398,16 @@ def test_library_progress_reaches_the_job():
     assert job.result == ("editing" if progress is None else "editing · target vectors 1/4 step, loss=0.5")
 
 
-def test_generations_drop_added_special_tokens():
+def test_generations_end_at_stop_tokens():
     from types import SimpleNamespace
 
-    from fedit.ui.measure import special_ids
+    from fedit.ui.measure import stop_ids
 
-    # Gemma 3's <start_of_image> is an added special token missing from all_special_ids
-    tok = SimpleNamespace(all_special_ids=[1], added_tokens_decoder={255999: SimpleNamespace(special=True),
-                                                                     7: SimpleNamespace(special=False)})
-    assert special_ids(tok) == {1, 255999}
+    # Gemma 3's tokenizer converted from GGUF flags <start_of_image> as an ordinary added token
+    tok = SimpleNamespace(all_special_ids=[1], get_vocab=lambda: {"<start_of_image>": 255999, "a": 5},
+                          added_tokens_decoder={255998: SimpleNamespace(special=True),
+                                                255999: SimpleNamespace(special=False)})
+    assert stop_ids(tok) == {1, 255998, 255999}
 
 
 def test_jobs_run_in_order_and_stay_listed_until_they_end():

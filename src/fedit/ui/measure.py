@@ -27,23 +27,33 @@ class ProbeSet:
                 + [("neighbour", p) for p in self.neighbours])
 
 
-def special_ids(tok) -> set[int]:
-    """Ids of special tokens, including added ones the tokenizer does not list as special
-    (Gemma 3's ``<start_of_image>`` and its other multimodal markers)."""
+# Control markers that a converted tokenizer may not flag as special (Gemma 3's from GGUF): the
+# base model emits <start_of_image> where its text ends.
+CONTROL_TOKENS = ("<start_of_image>", "<end_of_image>", "<start_of_turn>", "<end_of_turn>")
+
+
+def stop_ids(tok) -> set[int]:
+    """Ids where a shown continuation ends: special tokens (also added ones the tokenizer does
+    not list among its special ids) and :data:`CONTROL_TOKENS`."""
     added = getattr(tok, "added_tokens_decoder", None) or {}
-    return set(tok.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    vocab = tok.get_vocab()
+    return (set(tok.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+            | {vocab[t] for t in CONTROL_TOKENS if t in vocab})
 
 
 @torch.no_grad()
 def greedy(lm, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuation of each prompt (``max_new_tokens`` tokens, special tokens dropped)."""
+    """Greedy continuation of each prompt: up to ``max_new_tokens`` tokens, cut where the model
+    emits a stop token (:func:`stop_ids`)."""
     tok, texts = lm.tokenizer, []
-    special = special_ids(tok)
+    stops = stop_ids(tok)
     for p in prompts:
         ids = torch.tensor([encode(tok, p)], device=lm.device)  # [1, T]
         out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id(tok))
-        texts.append(tok.decode([i for i in out[0, ids.shape[1]:].tolist() if i not in special]))
+        new = out[0, ids.shape[1]:].tolist()
+        cut = next((k for k, i in enumerate(new) if i in stops), len(new))
+        texts.append(tok.decode(new[:cut]))
     return texts
 
 
