@@ -287,12 +287,15 @@ def server(tiny_model_dir, tmp_path):
 
 
 def test_page_edits_reverts_and_shows_errors(server, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     d = _browser()
     try:
-        until = WebDriverWait(d, HANG, poll_frequency=0.1).until
+        # the page re-renders lists and tables: an element read while it is replaced is looked up again
+        until = WebDriverWait(d, HANG, poll_frequency=0.1,
+                              ignored_exceptions=(StaleElementReferenceException,)).until
         d.get(server)
         until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
         assert "gpt2" in d.find_element(By.ID, "model-info").text
@@ -312,8 +315,9 @@ def test_page_edits_reverts_and_shows_errors(server, tmp_path):
         d.find_element(By.ID, "fact-search").send_keys("Spike Hughes")
         until(lambda d: "Spike Hughes" in d.find_element(By.CSS_SELECTOR, "#fact-list li").text
               and len(d.find_elements(By.CSS_SELECTOR, "#fact-list li")) == 1)
-        d.find_element(By.CSS_SELECTOR, "#fact-list li").click()
         value = lambda i: d.find_element(By.ID, i).get_attribute("value")  # noqa: E731
+        # clicked again if a later search answer replaced the item between finding and clicking it
+        until(lambda d: d.find_element(By.CSS_SELECTOR, "#fact-list li").click() or value("subject"))
         assert (value("prompt"), value("subject"), value("target_new"), value("target_true")) == (
             "{} originates from", "Spike Hughes", "Philadelphia", "London")
         n_para, n_nb = len(value("paraphrases").splitlines()), len(value("neighbours").splitlines())

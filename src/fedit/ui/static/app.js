@@ -102,11 +102,15 @@ function fillSources() {
   $("fact-search").addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(searchFacts, 250); });
 }
 
+let searches = 0;  // only the newest search's answer is shown
+
 async function searchFacts() {
   const source = $("source").value;
   if (!source) return;
+  const mine = ++searches;
   try {
     const r = await api(`/api/facts?source=${encodeURIComponent(source)}&q=${encodeURIComponent($("fact-search").value)}`);
+    if (mine !== searches) return;
     $("fact-count").textContent = `${r.matches} of ${r.total} records match${r.matches > r.facts.length ? `; first ${r.facts.length} shown` : ""}`;
     $("fact-list").replaceChildren(...r.facts.map((f) => {
       const li = el("li", {}, `${f.prompt.replace("{}", f.subject)} → ${f.target_new}`, el("span", {class: "hint"}, f.target_true ? ` (was ${f.target_true})` : ""));
