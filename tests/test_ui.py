@@ -176,30 +176,24 @@ def test_trace_draws_a_png(client):
     assert set(job["result"]["recommendation"]) >= {"rome_layer", "memit_layers"}
 
 
-def test_report_panel(client, tmp_path):
-    refused(client.post("/api/report", json={"folder": str(tmp_path)}), "no report.json")
-    refused(client.post("/api/report", json={"folder": str(tmp_path / "missing")}), "not a folder")
+def write_report(folder: Path) -> None:
+    """A small report folder as `fedit eval --out` writes it: report.json, report.md, chart.png."""
     from fedit.evaluate.report import chart
 
     report = {"method": "rome", "dataset": "counterfact", "model": "tiny", "n": 2, "headline": ["efficacy_success"],
               "metrics": {"efficacy_success": 1.0, "fluency": 6.1}, "metrics_pre": {"efficacy_success": 0.5}}
-    (tmp_path / "report.json").write_text(json.dumps(report))
-    (tmp_path / "report.md").write_text("# rome on counterfact")
-    chart({**report, "styles": {}}, tmp_path / "chart.png")
-    r = client.post("/api/report", json={"folder": str(tmp_path)}).json()
-    assert r["metrics"] == [{"metric": "efficacy_success", "pre": 0.5, "post": 1.0},
-                            {"metric": "fluency", "pre": None, "post": 6.1}]
-    assert r["summary"]["method"] == "rome" and r["markdown"].startswith("# rome")
-    assert [c["name"] for c in r["charts"]] == ["chart.png"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(report))
+    (folder / "report.md").write_text("# rome on counterfact")
+    chart({**report, "styles": {}}, folder / "chart.png")
 
 
-def test_store_panel_reads_without_writing(client, tmp_path):
+def write_store(path: Path) -> None:
+    """An MKV store of three clients: a and b hold the same two vectors in slot 0, c the opposite
+    of one of them, and one more in slot 1; b shared one request in plain text."""
     from fedit.federation.store import MKVStore
 
-    refused(client.post("/api/store", json={"path": str(tmp_path / "none.sqlite")}), "does not exist")
-    assert not (tmp_path / "none.sqlite").exists()
     v = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
-    path = tmp_path / "run" / "mkv.sqlite"
     with MKVStore(path) as s:
         for c in ("a", "b", "c"):
             s.register_client(c, {"org": c})
@@ -208,6 +202,24 @@ def test_store_panel_reads_without_writing(client, tmp_path):
                                                                    "target_new": "Y"}}, {"fact": "4"}])
         s.add("c", 0, -v[:1], meta=[{"fact": "5"}])
         s.add("c", 1, v[2:], meta=[{"fact": "6"}])
+
+
+def test_report_panel(client, tmp_path):
+    refused(client.post("/api/report", json={"folder": str(tmp_path)}), "no report.json")
+    refused(client.post("/api/report", json={"folder": str(tmp_path / "missing")}), "not a folder")
+    write_report(tmp_path)
+    r = client.post("/api/report", json={"folder": str(tmp_path)}).json()
+    assert r["metrics"] == [{"metric": "efficacy_success", "pre": 0.5, "post": 1.0},
+                            {"metric": "fluency", "pre": None, "post": 6.1}]
+    assert r["summary"]["method"] == "rome" and r["markdown"].startswith("# rome")
+    assert [c["name"] for c in r["charts"]] == ["chart.png"]
+
+
+def test_store_panel_reads_without_writing(client, tmp_path):
+    refused(client.post("/api/store", json={"path": str(tmp_path / "none.sqlite")}), "does not exist")
+    assert not (tmp_path / "none.sqlite").exists()
+    path = tmp_path / "run" / "mkv.sqlite"
+    write_store(path)
     files = {p.name: p.read_bytes() for p in path.parent.iterdir()}
     r = client.post("/api/store", json={"path": str(path.parent), "tau": 0.9}).json()
     assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == files
@@ -351,6 +363,24 @@ def test_page_edits_reverts_and_shows_errors(server, tmp_path):
         shot = tmp_path / "ui.png"
         d.save_screenshot(str(shot))
         assert shot.read_bytes()[:4] == b"\x89PNG"
+        # the report and store panels, from folders a user would type
+        write_report(tmp_path / "report")
+        write_store(tmp_path / "fed" / "mkv.sqlite")
+        d.find_element(By.CSS_SELECTOR, ".tab[data-panel=report]").click()
+        d.find_element(By.ID, "report-folder").send_keys(str(tmp_path / "report"))
+        d.find_element(By.ID, "report-btn").click()
+        until(lambda d: d.find_elements(By.CSS_SELECTOR, "#report-metrics tbody tr"))
+        assert [c.text for c in d.find_elements(By.CSS_SELECTOR, "#report-metrics tbody tr:first-child td")] == [
+            "efficacy_success", "50.0", "100.0"]
+        chart_img = d.find_element(By.CSS_SELECTOR, "#report-charts img")
+        until(lambda d: d.execute_script("return arguments[0].naturalWidth", chart_img) > 0)  # the PNG decoded
+        d.find_element(By.CSS_SELECTOR, ".tab[data-panel=store]").click()
+        d.find_element(By.ID, "store-path").send_keys(str(tmp_path / "fed"))
+        d.find_element(By.ID, "store-btn").click()
+        until(lambda d: d.find_elements(By.CSS_SELECTOR, "#store-hits tbody tr"))
+        hits = [[c.text for c in r.find_elements(By.CSS_SELECTOR, "th, td")]
+                for r in d.find_elements(By.CSS_SELECTOR, "#store-hits tbody tr")]
+        assert hits == [["a", "·", "2", "0"], ["b", "2", "·", "0"], ["c", "0", "0", "·"]]  # at the default τ 0.4
         if os.environ.get("FEDIT_UI_SCREENSHOT"):
             Path(os.environ["FEDIT_UI_SCREENSHOT"]).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(tmp_path / "ui-edited.png", os.environ["FEDIT_UI_SCREENSHOT"])
