@@ -10,7 +10,6 @@ import base64
 import dataclasses
 import importlib
 import importlib.util
-import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,8 +21,6 @@ from fedit.errors import FeditError
 from fedit.methods import METHODS, Resources, get_method, hparams_for, names
 from fedit.requests import EditRequest
 from fedit.ui.measure import ProbeSet, measure
-
-log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
