@@ -28,7 +28,10 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
 
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="memit", choices=["rome", "memit", "pmet", "alphaedit"])
+    from fedit.methods import names
+
+    p.add_argument("--method", default="memit", choices=names())
+    p.add_argument("--editor", default=None, metavar="DIR", help="trained editor of MEND, KE or SERAC (`fedit train`)")
     p.add_argument("--layers", default=None, help="comma-separated layers to edit (overrides the data file)")
     p.add_argument("--hparams", default=None, help="JSON file of hyperparameters (overrides the data file)")
     p.add_argument("--corpus", default=None, help="text file or folder for second moments (default: shipped WikiText-2 sample)")
@@ -49,7 +52,8 @@ def precision_arg(p: argparse.ArgumentParser, cache: bool = False) -> None:
 
 def overrides_from(args) -> dict:
     """Hyperparameter overrides given on the command line (None where not given)."""
-    return {"layers": _layers(args.layers), "target_precision": getattr(args, "target_precision", None)}
+    return {"layers": _layers(args.layers), "target_precision": getattr(args, "target_precision", None),
+            "archive": getattr(args, "editor", None)}
 
 
 def resources_from(args):
@@ -149,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     fed.register(sub, _common)
     register_collab(sub, _common, None)
+    from fedit.cli import train
+    train.register(sub)
     return ap
 
 
@@ -444,7 +450,14 @@ def cmd_collab(args) -> int:
 
 
 COMMANDS = {"edit": cmd_edit, "apply": cmd_apply, "revert": cmd_revert, "stats": cmd_stats, "demo": cmd_demo,
-            "eval": cmd_eval, "trace": cmd_trace, "datasets": cmd_datasets, "fed": cmd_fed, "collab": cmd_collab}
+            "eval": cmd_eval, "trace": cmd_trace, "datasets": cmd_datasets, "fed": cmd_fed, "collab": cmd_collab,
+            "train": lambda args: train_command(args)}
+
+
+def train_command(args) -> int:
+    from fedit.cli.train import run
+
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
