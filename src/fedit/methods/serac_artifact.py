@@ -11,14 +11,16 @@ body (the decoder stack that returns the final hidden states, found by the model
   hidden states in place of the row's, so logits, teacher-forced probes and generation all
   answer through the router. Other rows are left exactly as the base model computed them.
 
-Generation with a key/value cache works: a decoding step's new tokens are appended to the
-rows seen at the prefill, and routed rows are recomputed in full.
+In generation the prompt decides the scope: a decoding step's new tokens (with a key/value
+cache) or a call on the same rows grown longer (without one) keeps the rows' routing, and
+routed rows are recomputed in full.
 Every edit applied to one model shares one router (a lifelong memory grows); ``revert``
 removes the edit, and the last revert removes the hooks. Weights are never written.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -38,7 +40,7 @@ from fedit.requests import EditRequest
 
 FORMAT = "fedit-serac/1"
 ROUTER = "_fedit_serac_router"
-DEFAULT_CONTEXT = "{prompt} {target}.\n"
+DEFAULT_CONTEXT = "{prompt} {target}.\n{prompt} {target}.\n"
 
 
 @dataclass
@@ -179,11 +181,13 @@ class Router:
         from fedit.models.adapters import ModelAdapter
 
         self.body = ModelAdapter(model).body()
+        self._signature = inspect.signature(self.body.forward)
         self.tok = tok
         self.memories: dict[int, _Memory] = {}
         self._next = 0
         self._inside = False
         self._rows: list[list[int]] = []  # every row's tokens so far (prefill + decoded)
+        self._hits: list = []  # each row's routing, decided at the prefill
         self._pending: list[tuple[int, list[int], int, int]] = []  # (row, its real positions now, memory, edit)
         self.routed = 0  # rows sent to the counterfactual model (diagnostics)
         self._hooks = [self.body.register_forward_pre_hook(self._pre, with_kwargs=True),
@@ -224,23 +228,26 @@ class Router:
     def _pre(self, module, args, kwargs):
         if self._inside:
             return None
-        ids = kwargs.get("input_ids", args[0] if args else None)
+        given = self._signature.bind_partial(*args, **kwargs).arguments  # some bodies get them positionally
+        ids = given.get("input_ids")
         self._pending = []
         if ids is None:  # embeddings given directly: nothing to read, the base model answers
             return None
-        mask = kwargs.get("attention_mask")
+        mask = given.get("attention_mask")
         if mask is None or mask.dim() != 2 or mask.shape != ids.shape:
             mask = torch.ones_like(ids)
-        past = kwargs.get("past_key_values")
+        past = given.get("past_key_values", given.get("cache"))  # the name differs between architectures
         prefill = past is None or not hasattr(past, "get_seq_length") or past.get_seq_length() == 0
         now = [[int(p) for p in torch.nonzero(mask[r]).flatten()] for r in range(ids.shape[0])]
         new = [[int(ids[r, p]) for p in now[r]] for r in range(ids.shape[0])]
-        if prefill or len(self._rows) != ids.shape[0]:
-            self._rows = new
-        else:
+        if not prefill and len(self._rows) == ids.shape[0]:  # a cached decoding step: new tokens only
             self._rows = [a + b for a, b in zip(self._rows, new)]
-        texts = [self.tok.decode(r, skip_special_tokens=True) for r in self._rows]
-        for r, hit in enumerate(self.route(texts)):
+        elif len(self._rows) == len(new) and all(len(b) > len(a) and b[:len(a)] == a for a, b in zip(self._rows, new)):
+            self._rows = new  # generation without a cache: the same rows, longer
+        else:
+            self._rows = new
+            self._hits = self.route([self.tok.decode(r, skip_special_tokens=True) for r in self._rows])
+        for r, hit in enumerate(self._hits):
             if hit is not None and now[r]:
                 self._pending.append((r, now[r], hit[0], hit[1]))
         return None

@@ -76,7 +76,7 @@ class MetaTrainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.editor.parameters(), hp.grad_clip)
         self.opt.step()
-        self.editor.after_step(float(l_loc), hp)
+        self.editor.after_step(float(l_loc.detach()), hp)
         return {"loss": float(loss), "nll_pre": pre_nll, "nll_post": float(l_edit), "kl": float(l_loc)}
 
     # --- validation ---------------------------------------------------------------------

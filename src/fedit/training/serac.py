@@ -79,7 +79,7 @@ class SeracTrainer:
         self.opt.step()
         with torch.no_grad():
             acc = ((logits > 0).float() == y).float().mean()
-        return {"loss": float(loss), "pair_acc": float(acc)}
+        return {"loss": float(loss.detach()), "pair_acc": float(acc)}
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

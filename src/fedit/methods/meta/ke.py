@@ -82,9 +82,10 @@ class KeEditor(nn.Module):
         self.heads = nn.ModuleList([nn.Sequential(nn.Linear(hp.cond_dim, hp.head_hidden), nn.Tanh(),
                                                   nn.Linear(hp.head_hidden, 2 * (d_out + d_in) + 1))
                                     for _ in self.layers])
-        for h in self.heads:  # start with α_col ≈ 1: the update begins as a scaled gradient step
+        for h in self.heads:  # start as a small gradient step: α_col ≈ 1, σ(η) ≈ 0.05
             with torch.no_grad():
                 h[2].bias[d_out:d_out + d_in].fill_(1.0)
+                h[2].bias[-1].fill_(-3.0)
         self.max_scale = float(hp.max_scale)
         self.register_buffer("lam", torch.ones(()))  # Lagrange multiplier of the KL constraint
 
