@@ -49,7 +49,7 @@ def run(args) -> int:
     from fedit.training import train_editor
     from fedit.training.data import file_info
 
-    records = load_records(_kind(args.dataset, args.data), args.data, args.n)
+    records = load_records(_kind(args.dataset, args.data), args.data, args.n, skip_invalid=True)  # logged
     lm = _load(args)
     from tqdm.auto import tqdm
 

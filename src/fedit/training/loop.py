@@ -76,13 +76,15 @@ def train_loop(trainer: Trainer, out: str | os.PathLike, max_steps: int, checkpo
             progress(start, {})
     stats: dict[str, float] = {}
     t0 = time.perf_counter() - seconds
+    c0 = time.process_time()
     for i in range(start, max_steps):
         stats = trainer.step(i)
         if progress:
             progress(i + 1, stats)
         if (i + 1) % checkpoint_every == 0 or i + 1 == max_steps:
             val = trainer.validate()
-            history.append({"step": i + 1, "seconds": round(time.perf_counter() - t0, 1), "train": stats,
+            history.append({"step": i + 1, "seconds": round(time.perf_counter() - t0, 1),
+                            "cpu_seconds_this_run": round(time.process_time() - c0, 1), "train": stats,
                             "validation": val})
             log.info("step %d: validation %s", i + 1, val)
             _save(trainer, out, i + 1, history, time.perf_counter() - t0, signature, max_steps)

@@ -77,7 +77,8 @@ class MetaTrainer:
         torch.nn.utils.clip_grad_norm_(self.editor.parameters(), hp.grad_clip)
         self.opt.step()
         self.editor.after_step(float(l_loc.detach()), hp)
-        return {"loss": float(loss), "nll_pre": pre_nll, "nll_post": float(l_edit), "kl": float(l_loc)}
+        return {"loss": float(loss.detach()), "nll_pre": pre_nll, "nll_post": float(l_edit.detach()),
+                "kl": float(l_loc.detach())}
 
     # --- validation ---------------------------------------------------------------------
     @torch.no_grad()
