@@ -52,8 +52,8 @@ def precision_arg(p: argparse.ArgumentParser, cache: bool = False) -> None:
 
 def overrides_from(args) -> dict:
     """Hyperparameter overrides given on the command line (None where not given)."""
-    return {"layers": _layers(args.layers), "target_precision": getattr(args, "target_precision", None),
-            "archive": getattr(args, "editor", None)}
+    editor = {"archive": args.editor} if getattr(args, "editor", None) else {}  # a trained editor (MEND, KE, SERAC)
+    return {"layers": _layers(args.layers), "target_precision": getattr(args, "target_precision", None), **editor}
 
 
 def resources_from(args):
