@@ -125,6 +125,9 @@ def edit_flags(p: argparse.ArgumentParser, choices: list[str]) -> None:
     hparams_flags(p)
     corpus_flag(p)
     target_cache_flag(p)
+    p.add_argument("--editor", default=None, metavar="DIR",
+                   help="the trained editor of a method that needs one (MEND, KE, SERAC; written by `fedit train`; "
+                        "default: the hyperparameter file's archive)")
 
 
 def population_flags(p: argparse.ArgumentParser, clients: int, rounds: int, records: str) -> None:
@@ -174,6 +177,8 @@ def overrides_from(args, method: str | None = None) -> dict:
     (None where not given), then ``--set`` (typed by ``method``'s class, when given)."""
     out = {"layers": parse_layers(getattr(args, "layers", None)),
            "target_precision": getattr(args, "target_precision", None)}
+    if getattr(args, "editor", None):  # a trained editor (MEND, KE, SERAC)
+        out["archive"] = args.editor
     if method is not None:
         out.update(sets_from(args, method))
     return out

@@ -13,7 +13,7 @@ from fedit.errors import FeditError
 
 # In the order ``fedit --help`` lists them.
 COMMANDS = ["edit", "apply", "revert", "export", "stats", "eval", "trace", "datasets", "hparams", "demo", "fed",
-            "collab", "ui"]
+            "collab", "ui", "train"]
 
 
 def build_parser() -> common.Parser:

@@ -94,3 +94,5 @@ def hparams_for(method: str, lm, overrides: dict[str, Any] | None = None, file: 
 __all__ = ["METHODS", "Method", "register", "names", "EditOutcome", "Resources", "get_method", "hparams_for",
            "RomeHparams", "MemitHparams", "PmetHparams", "AlphaEditHparams", "AlphaEditState", "compute_rome",
            "compute_memit", "compute_pmet", "compute_alphaedit"]
+
+import fedit.methods.meta.ke, fedit.methods.meta.mend, fedit.methods.serac  # noqa: E401,E402,F401  (they register)

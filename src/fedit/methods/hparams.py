@@ -38,6 +38,8 @@ def auto_layers(method: str, n_layers: int) -> list[int]:
     """Early-middle layers, where causal tracing finds factual recall in GPT-style models."""
     if method == "rome":
         return [max(0, n_layers // 3)]
+    if method in ("mend", "ke"):  # meta-learned editors: the last three MLP layers (MEND's choice)
+        return list(range(max(0, n_layers - 3), n_layers))
     lo, hi = max(0, n_layers // 6), max(1, n_layers // 3)
     return list(range(lo, max(hi, lo + 1) + 1)) if n_layers > 2 else [0]
 
