@@ -252,9 +252,10 @@ def _file_rows(wd) -> list[dict]:
 
 
 def cmd_apply(args) -> int:
-    from fedit.deltas import WeightDeltas
+    from fedit.memory import load_edit, refuse_saving_memory
 
-    wd = WeightDeltas.load(args.file)
+    wd = load_edit(args.file)
+    refuse_saving_memory(wd, args.out)
     lm = _load(args)
     rows = _file_rows(wd)
     _probe(lm, rows, "before")
@@ -271,9 +272,11 @@ def cmd_apply(args) -> int:
 
 
 def cmd_revert(args) -> int:
-    from fedit.deltas import WeightDeltas, revert_file_edit
+    from fedit.deltas import revert_file_edit
+    from fedit.memory import load_edit, refuse_memory_revert
 
-    wd = WeightDeltas.load(args.file)
+    wd = load_edit(args.file)
+    refuse_memory_revert(wd)
     lm = _load(args)
     rows = _file_rows(wd)
     _probe(lm, rows, "before")

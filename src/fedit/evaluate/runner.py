@@ -208,6 +208,8 @@ def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | N
             for n, w in weights.items():
                 params[n].copy_(w.to(device=params[n].device, dtype=params[n].dtype))
         applied.append(AppliedEdit(model=lm.model, deltas=None, originals=originals))
+        if hasattr(state, "memory_edit"):  # a memory method's state: reinstall the memory so far
+            applied.append(state.memory_edit(lm).apply(lm.model))
         touched = set(weights)
         start, per_batch, done = doc["batches_done"], doc["per_batch"], doc["done"]
         diagnostics = doc.get("diagnostics", [])
