@@ -27,6 +27,7 @@ has ``memory_edit(lm) -> MemoryEdit`` so that a resumed sequential run can reins
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import time
@@ -61,7 +62,7 @@ def register_memory(kind: str, install: Installer) -> None:
 
 def _installer(kind: str) -> Installer:
     if kind not in _KINDS:
-        import fedit.methods  # noqa: F401  (method modules register their memory kinds)
+        importlib.import_module("fedit.methods")  # method modules register their memory kinds
     if kind not in _KINDS:
         raise DeltaFileError(f"this edit holds a memory of kind {kind!r}, which this fedit does not know.",
                              f"use a fedit version that has it (known kinds: {sorted(_KINDS)}).")

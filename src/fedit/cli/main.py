@@ -28,7 +28,9 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
 
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="memit", choices=["rome", "memit", "pmet", "alphaedit"])
+    from fedit.methods import names
+
+    p.add_argument("--method", default="memit", choices=names())
     p.add_argument("--layers", default=None, help="comma-separated layers to edit (overrides the data file)")
     p.add_argument("--hparams", default=None, help="JSON file of hyperparameters (overrides the data file)")
     p.add_argument("--corpus", default=None, help="text file or folder for second moments (default: shipped WikiText-2 sample)")

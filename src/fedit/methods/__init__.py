@@ -7,6 +7,7 @@ returned in ``EditOutcome.state``, or None) and returns the next state in its ou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,3 +90,9 @@ def hparams_for(method: str, lm, overrides: dict[str, Any] | None = None, file: 
 __all__ = ["METHODS", "Method", "register", "names", "EditOutcome", "Resources", "get_method", "hparams_for",
            "RomeHparams", "MemitHparams", "PmetHparams", "AlphaEditHparams", "AlphaEditState", "compute_rome",
            "compute_memit", "compute_pmet", "compute_alphaedit"]
+
+# Methods of the other families register themselves when their modules are imported.
+import_module("fedit.methods.ft")
+import_module("fedit.methods.grace")
+import_module("fedit.methods.wise")
+import_module("fedit.methods.ike")
