@@ -46,7 +46,7 @@ class GraceHparams:
     layers: list[int]  # exactly one: the layer whose W_out the codebook wraps
     eps: float = 1.0  # initial deferral radius, in the units of W_out's input (Euclidean)
     n_iter: int = 100  # maximal Adam steps on an edit's values
-    lr: float = 0.1  # Adam step, in units of the RMS of W_out's output at the edit's positions
+    lr: float = 0.3  # Adam step, in units of the RMS of W_out's output at the edit's positions
     nll_stop: float = 0.01  # stop once the edit's mean target NLL is below this
 
     def __post_init__(self):
@@ -54,7 +54,7 @@ class GraceHparams:
             raise HparamsError(f"GRACE keeps its codebook at one layer, got layers {self.layers}.",
                                "pass one layer, e.g. --layers 12.")
         if self.eps <= 0 or self.n_iter < 0 or self.lr <= 0:
-            raise HparamsError("eps and lr must be positive and n_iter at least 0.", "e.g. eps 1.0, n_iter 100, lr 0.1.")
+            raise HparamsError("eps and lr must be positive and n_iter at least 0.", "e.g. eps 1.0, n_iter 100, lr 0.3.")
 
 
 @dataclass

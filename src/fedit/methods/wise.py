@@ -199,7 +199,7 @@ def _train_edit(lm, r: EditRequest, irrelevant: list[int], delta: torch.Tensor, 
         with torch.no_grad():
             d.clamp_(-hp.norm_constraint, hp.norm_constraint)
     delta.copy_(d.detach().cpu())
-    return float(in_act), history
+    return float(in_act.detach()), history
 
 
 def compute_wise(lm, requests: list[EditRequest], hp: WiseHparams, resources: Resources,
