@@ -200,3 +200,14 @@ def test_cli_eval_grace_sequential(tmp_path, tiny_model_dir, capsys):
     rep = json.loads((tmp_path / "run" / "report.json").read_text())
     assert rep["method"] == "grace" and rep["sequential"] and rep["n"] == 5
     assert rep["metrics"]["efficacy_acc"] > rep["metrics_pre"]["efficacy_acc"]
+
+
+def test_grace_reediting_the_same_prompt_takes_the_newest_target(tiny_cache):
+    lm = tiny_model("gpt2")
+    other = EIFFEL.__class__(prompt=EIFFEL.prompt, subject=EIFFEL.subject, target_new="London", case_id=9)
+    res = sequential_edit(lm, [[EIFFEL], [other]], method="grace", overrides=FAST["grace"],
+                          resources=resources(tiny_cache))
+    assert res[-1].deltas.tensors["keys"].shape[0] == 1  # one input, one entry
+    assert describe(lm, EIFFEL.filled_prompt, "London")["top_token"] == " London"
+    for r in reversed(res):
+        r.applied.revert()

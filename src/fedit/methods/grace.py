@@ -13,7 +13,8 @@ For each query, with the nearest entry at distance d:
 
 - no entry, or d > ε_init + ε_nearest: a new entry (key = query, ε = ε_init);
 - d within reach and the same label: the entry widens to cover the query (ε = max(ε, d));
-- d within reach, another label: a new entry, and the two split the distance (both ε = d/2).
+- d within reach, another label: a new entry, and the two split the distance (both ε = d/2);
+- the same input again (d ≈ 0) with another label: the entry takes the new label (and value).
 
 Then the values of the entries the edit uses are optimised with Adam (a few steps, from the
 layer's current output: a "warm" start) so that the model produces the target, the rest of the
@@ -125,6 +126,10 @@ def _write_keys(cb: dict[str, torch.Tensor], queries: torch.Tensor, warm: torch.
             dist, k = distances(q[None], cb["keys"])[0].min(0)
             d, k = float(dist), int(k)
         if n and d <= eps + float(cb["radii"][k]):
+            if d <= 1e-3 * eps:  # the same input again: the newest edit's label wins
+                cb["labels"][k] = lab
+                used.append(k)
+                continue
             if int(cb["labels"][k]) == lab:
                 cb["radii"][k] = max(float(cb["radii"][k]), d)  # widen to cover the query
                 used.append(k)
