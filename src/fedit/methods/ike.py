@@ -86,6 +86,9 @@ def _install(model, edit: MemoryEdit, active):
         if not active():
             shift.append(0)
             return None
+        if len(args) > 1:
+            raise FeditError("an IKE edit needs the model body called with keyword arguments after input_ids.",
+                             "call the model as model(input_ids, attention_mask=...) while the IKE edit is applied.")
         kwargs = dict(kwargs)
         ids = kwargs.pop("input_ids", None) if not args else args[0]
         args = args[1:] if args else args
