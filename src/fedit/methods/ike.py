@@ -172,7 +172,7 @@ def load_pool(hp: IkeHparams) -> list[Fact]:
         path = Path(str(files("fedit").joinpath("resources", "datasets", POOL_SAMPLE)))
     else:
         path = Path(hp.pool)
-    recs = load_records(hp.pool_kind, path, n=hp.pool_size)
+    recs = load_records(hp.pool_kind, path, n=hp.pool_size, skip_invalid=True)
     return [Fact(r.request.filled_prompt, r.request.target_new, r.paraphrases[0], r.neighborhood[0].prompt,
                  r.neighborhood[0].answer) for r in recs if r.paraphrases and r.neighborhood]
 
