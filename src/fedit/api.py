@@ -70,6 +70,8 @@ def combined(lm, results: list[EditResult], requests: list[EditRequest]) -> Weig
     """
     if len(results) == 1:
         return results[0].deltas
+    if getattr(results[-1].deltas, "kind", None) is not None:  # a MemoryEdit: the last holds the whole memory
+        return results[-1].deltas
     originals: dict = {}
     for r in results:
         for n, o in r.applied.originals.items():

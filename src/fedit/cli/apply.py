@@ -52,9 +52,10 @@ def file_provenance(lm, wd, path: str) -> dict:
 
 
 def run(args) -> int:
-    from fedit.deltas import WeightDeltas
+    from fedit.memory import load_edit, refuse_saving_memory
 
-    wd = WeightDeltas.load(args.file)
+    wd = load_edit(args.file)
+    refuse_saving_memory(wd, args.out)
     lm = common.load(args)
     rows = file_rows(wd)
     common.probe(lm, rows, "before")

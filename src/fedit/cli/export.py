@@ -29,6 +29,13 @@ def edit_args(p) -> None:
 
 def check_edit_outputs(args) -> None:
     """Refuse inconsistent output flags before any work."""
+    from fedit.methods import get_method
+
+    if (args.out or args.format == "peft") and not get_method(args.method).writes_weights:
+        raise FeditError(f"{args.method} edits through hooks, not weights: a model folder (--out) or a PEFT "
+                         "adapter (--format peft) cannot hold it.",
+                         "save the edit with --save FILE.safetensors and apply it after loading the model, "
+                         "or use a method that writes weights (fedit hparams list).")
     if args.format == "peft":
         if not args.save:
             raise FeditError("--format peft needs --save DIR (the adapter folder).",

@@ -16,9 +16,11 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from fedit.cli.apply import file_provenance, file_rows, save_model
-    from fedit.deltas import WeightDeltas, revert_file_edit
+    from fedit.deltas import revert_file_edit
+    from fedit.memory import load_edit, refuse_memory_revert
 
-    wd = WeightDeltas.load(args.file)
+    wd = load_edit(args.file)
+    refuse_memory_revert(wd)
     lm = common.load(args)
     rows = file_rows(wd)
     common.probe(lm, rows, "before")

@@ -296,6 +296,8 @@ def _begin(lm, records: list[EvalRecord], cfg: EvalConfig, flu_idx: list[int], c
     if ckpt is not None and ckpt.exists():
         weights, state, doc = ckpt.load()
         edits.enter_context(assign_weights(lm.model, weights))
+        if hasattr(state, "memory_edit"):  # a memory method's state: reinstall the memory so far
+            edits.enter_context(state.memory_edit(lm).applied(lm.model))
         return _Run.resumed(doc, state, set(weights))
     raw_pre, gen_pre, pre_cached = measure_unedited(lm, records, flu_idx, cfg, pre_cache)
     return _Run(raw_pre, gen_pre, pre_cached=pre_cached)

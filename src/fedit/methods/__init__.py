@@ -7,6 +7,7 @@ returned in ``EditOutcome.state``, or None) and returns the next state in its ou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +36,9 @@ class Method:
     private_mkvs: bool = False
     takes_targets: bool = False  # accepts precomputed target vectors zs=
     needs_training: bool = False  # needs a trained editor (``fedit train``) before it edits
+    # Its edit is a change of weights (WeightDeltas): it can be written into a model folder or a
+    # PEFT adapter. False for edits that act through hooks (memories, context).
+    writes_weights: bool = True
     batch: bool = True  # edits several requests as one batch; False: one fact per edit (ROME), as EasyEdit does
     description: str = ""
 
@@ -95,4 +99,11 @@ __all__ = ["METHODS", "Method", "register", "names", "EditOutcome", "Resources",
            "RomeHparams", "MemitHparams", "PmetHparams", "AlphaEditHparams", "AlphaEditState", "compute_rome",
            "compute_memit", "compute_pmet", "compute_alphaedit"]
 
-import fedit.methods.meta.ke, fedit.methods.meta.mend, fedit.methods.serac  # noqa: E401,E402,F401  (they register)
+# Methods of the other families register themselves when their modules are imported.
+import_module("fedit.methods.ft")
+import_module("fedit.methods.grace")
+import_module("fedit.methods.wise")
+import_module("fedit.methods.ike")
+import_module("fedit.methods.serac")
+import_module("fedit.methods.meta.mend")
+import_module("fedit.methods.meta.ke")

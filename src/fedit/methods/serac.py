@@ -62,4 +62,4 @@ def compute_serac(lm, requests, hparams: SeracHparams, resources=None) -> EditOu
 
 
 register(Method("serac", SeracHparams, compute_serac, family="memory-based", needs_training=True,
-                description="edit memory + trained scope classifier; in-scope inputs answered with the edit in context"))
+                writes_weights=False, description="edit memory + trained scope classifier; in-scope inputs answered with the edit in context"))

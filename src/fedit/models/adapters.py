@@ -89,6 +89,10 @@ class ModelAdapter:
         self.check_layer(layer)
         return f"{self.spec.blocks}.{layer}"
 
+    def body_name(self) -> str:
+        """The base model (embeddings, blocks, final norm; returns ``last_hidden_state``)."""
+        return self.spec.body
+
     def w_out_name(self, layer: int) -> str:
         return f"{self.block_name(layer)}.{self.spec.w_out}"
 

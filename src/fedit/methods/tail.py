@@ -1,0 +1,96 @@
+"""Target-token losses computed from one layer up: the blocks below it run once, without grad.
+
+Fine-tuning one MLP weight, optimising GRACE values and training WISE's side weight all
+change layer ``L`` and nothing below it, so the inputs of block ``L`` are fixed: :class:`Tail`
+records them (and the arguments every block was called with) in one pass, then re-runs only
+blocks ``L..`` for each optimisation step. The input and output of ``W_out`` at ``L`` are kept
+too (GRACE's keys and warm values, WISE's activations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fedit.core.hooks import call_block, capture, record_block_calls
+from fedit.core.tokens import encode, pad, pad_id, target_ids
+
+
+@dataclass
+class TargetRows:
+    """Token rows of some (prompt, target) pairs and the logit positions that score the targets."""
+
+    ids: torch.Tensor  # [B, T] right-padded
+    mask: torch.Tensor  # [B, T]
+    rows: torch.Tensor  # [N] row of each scored target token
+    cols: torch.Tensor  # [N] position whose logits predict it
+    toks: torch.Tensor  # [N] the target token
+    pair: torch.Tensor  # [N] index of its (prompt, target) pair
+    weight: torch.Tensor  # [N] 1 / (tokens of its target): sums to the mean NLL per pair
+    n: int  # number of pairs
+
+    def to(self, device) -> "TargetRows":
+        return TargetRows(*(getattr(self, f).to(device) for f in
+                            ("ids", "mask", "rows", "cols", "toks", "pair", "weight")), n=self.n)
+
+
+def target_rows(tok, prompts: list[str], targets: list[str], objective: str = "target_new") -> TargetRows:
+    """Rows for the NLL of each target after its prompt.
+
+    ``objective="target_new"``: teacher forcing, the row is prompt + target[:-1] and target token
+    j is read at position P-1+j. ``"prompt_last"`` (ROME's FT-L): the row is the prompt alone and
+    every target token is read at its last position.
+    """
+    seqs, rows, cols, toks, pair, weight = [], [], [], [], [], []
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        pi, ti = encode(tok, p), target_ids(tok, t)
+        P, m = len(pi), len(ti)
+        if objective == "prompt_last":
+            seqs.append(pi)
+            cols += [P - 1] * m
+        else:
+            seqs.append(pi + ti[:-1])
+            cols += list(range(P - 1, P - 1 + m))
+        rows += [i] * m
+        toks += ti
+        pair += [i] * m
+        weight += [1.0 / m] * m
+    ids, mask = pad(seqs, pad_id(tok))
+    return TargetRows(ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(toks), torch.tensor(pair),
+                      torch.tensor(weight), n=len(seqs))
+
+
+class Tail:
+    """Blocks ``layer..`` of ``lm`` over fixed rows; whatever hooks or parameters at those blocks
+    are live when :meth:`final` runs take part (and receive gradients)."""
+
+    def __init__(self, lm, rows: TargetRows, layer: int):
+        self.lm, self.layer = lm, layer
+        self.r = rows.to(lm.device)
+        ad = lm.adapter
+        self.blocks = list(ad.blocks())
+        with torch.no_grad(), record_block_calls(self.blocks) as calls, \
+                capture({"block": self.blocks[layer]}, inputs=True, outputs=False) as blk, \
+                capture({"w": ad.w_out(layer)}, inputs=True) as w:
+            ad.body()(input_ids=self.r.ids, attention_mask=self.r.mask)
+        self.calls = calls
+        self.start = blk["block"]["input"]  # [B, T, d] input of block `layer`
+        self.w_in = w["w"]["input"]  # [B, T, d_in] input of W_out at `layer` (MLP activations)
+        self.w_out = w["w"]["output"]  # [B, T, d_out] its output
+
+    def final(self) -> torch.Tensor:
+        """Hidden states after the final norm, [B, T, d], from the recorded input of block ``layer``."""
+        x = self.start
+        for j in range(self.layer, len(self.blocks)):
+            x = call_block(self.blocks[j], self.calls[j], x)
+        return self.lm.adapter.final_norm()(x)
+
+    def nll(self, final: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean NLL of each pair's target tokens, [n] (differentiable)."""
+        final = self.final() if final is None else final
+        r = self.r
+        logp = F.log_softmax(self.lm.adapter.logits(final[r.rows, r.cols]).float(), -1)  # [N, V]
+        tok_nll = -logp.gather(1, r.toks[:, None])[:, 0] * r.weight
+        return torch.zeros(r.n, device=tok_nll.device).index_add(0, r.pair, tok_nll)
