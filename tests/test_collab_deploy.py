@@ -35,10 +35,10 @@ def _cli_defaults(argv):
 
 @pytest.mark.parametrize("argv, settings, names", [
     (["fed", "run", "--out", "x"], FedSettings,
-     {"clients": "clients", "slots": "slots", "n_per_client": "n_per_client", "dataset": "dataset", "tau": "tau",
+     {"clients": "clients", "rounds": "slots", "dataset": "dataset", "tau": "tau",
       "mode": "mode", "match": "match", "method": "method", "seed": "seed"}),
     (["collab", "run", "--out", "x"], CollabSettings,
-     {"clients": "clients", "rounds": "rounds", "per_client": "per_client", "dataset": "dataset", "merge": "merge",
+     {"clients": "clients", "rounds": "rounds", "dataset": "dataset", "merge": "merge",
       "conflict_policy": "conflict_policy", "ties_density": "ties_density", "ties_scale": "ties_scale",
       "c1_weight": "c1_weight", "residual_tol": "residual_tol", "overlap": "overlap", "conflict": "conflict",
       "seed": "seed", "form": "form"}),
@@ -47,6 +47,16 @@ def test_cli_defaults_are_the_settings_defaults(argv, settings, names):
     args = _cli_defaults(argv)
     want = settings()
     assert {a: args[a] for a in names} == {a: getattr(want, f) for a, f in names.items()}
+    # records per client: not given on the command line, so the settings' default applies
+    from argparse import Namespace
+
+    from fedit.cli import collab, common
+
+    ns = Namespace(**args)
+    if settings is CollabSettings:
+        assert collab.per_round(ns) == want.per_client
+    else:
+        assert common.records_per_client(ns, FedSettings.n_per_client) == want.n_per_client
 
 
 def test_collabedit_on_superlink_and_supernodes_with_secagg(tmp_path, tiny_model_dir):

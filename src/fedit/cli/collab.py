@@ -18,8 +18,12 @@ from fedit.errors import FeditError
 ENGINES = ("flower", "local")
 
 
-# How many clients and facts by default (CollabEdit's merge options default in CollabConfig).
-CLIENTS, ROUNDS, PER_ROUND = 10, 1, 50
+
+def _defaults():
+    """The run settings' defaults (the one source: :class:`fedit.collab.settings.CollabSettings`)."""
+    from fedit.collab.settings import CollabSettings
+
+    return CollabSettings()
 
 
 def register(sub) -> None:
@@ -34,8 +38,9 @@ def register(sub) -> None:
     common.hparams_flags(r, "MEMIT")
     common.corpus_flag(r)
     common.target_cache_flag(r)
-    common.population_flags(r, CLIENTS, ROUNDS, f"{PER_ROUND} per round")
-    r.add_argument("--dataset", default="counterfact",
+    S = _defaults()
+    common.population_flags(r, S.clients, S.rounds, f"{S.per_client} per round")
+    r.add_argument("--dataset", default=S.dataset,
                    help=f"dataset format: {', '.join(k for k in KINDS if k != 'known_1000')}")
     r.add_argument("--data", default=None, help="dataset file (default: the small sample shipped with fedit)")
     r.add_argument("--merge", default=",".join(C.merges),
@@ -67,7 +72,7 @@ def register(sub) -> None:
 
 def per_round(args) -> int:
     """Facts per client and round, from ``--per-client`` or ``--records-per-client``."""
-    total = common.records_per_client(args, PER_ROUND * args.rounds)
+    total = common.records_per_client(args, _defaults().per_client * args.rounds)
     if args.rounds < 1 or total % args.rounds:
         raise FeditError(f"{total} records per client do not split evenly over {args.rounds} round(s).",
                          "give --records-per-client a multiple of --rounds, or --per-client (records per round).")
