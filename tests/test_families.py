@@ -132,7 +132,7 @@ def test_ike_facts_accumulate(tiny_cache):
 def test_state_survives_a_checkpoint(method, tiny_cache):
     lm = tiny_model("gpt2")
     out = get_method(method).run(lm, [EIFFEL], _hp(lm, method), resources(tiny_cache))
-    state = _state_from_file(_roundtrip(_state_to_file(out.state)))
+    state = _state_from_file(_roundtrip(_state_to_file(out.state)), method)
     with state.memory_edit(lm).applied(lm.model):
         a = _logits(lm, EIFFEL.filled_prompt)
     with out.deltas.applied(lm.model):

@@ -200,5 +200,5 @@ def compute_grace(lm, requests: list[EditRequest], hp: GraceHparams, resources: 
                        state=new, diagnostics={"entries": int(cb["keys"].shape[0])})
 
 
-register(Method("grace", GraceHparams, compute_grace, stateful=True, family="memory-based",
+register(Method("grace", GraceHparams, compute_grace, stateful=True, state_class=GraceState, family="memory-based",
                 writes_weights=False, description="codebook of key -> value replacements at one layer with deferral radii (lifelong)"))

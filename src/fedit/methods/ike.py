@@ -236,5 +236,5 @@ def compute_ike(lm, requests: list[EditRequest], hp: IkeHparams, resources: Reso
                        diagnostics={"context_tokens": int(len(ids)), "demonstrations": len(demos)})
 
 
-register(Method("ike", IkeHparams, compute_ike, stateful=True, family="in-context",
+register(Method("ike", IkeHparams, compute_ike, stateful=True, state_class=IkeState, family="in-context",
                 writes_weights=False, description="no weight change: the new fact and retrieved demonstrations before every input"))

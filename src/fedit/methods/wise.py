@@ -240,5 +240,5 @@ def compute_wise(lm, requests: list[EditRequest], hp: WiseHparams, resources: Re
                        state=new, diagnostics={"edits": edits, "threshold": hp.act_ratio * min_act})
 
 
-register(Method("wise", WiseHparams, compute_wise, stateful=True, family="memory-based",
+register(Method("wise", WiseHparams, compute_wise, stateful=True, state_class=WiseState, family="memory-based",
                 writes_weights=False, description="side copy of one FFN weight with a router and sharded, merged edits (lifelong)"))
