@@ -10,7 +10,7 @@ from fedit.collab import (CollabClient, CollabConfig, CollabState, FactDigest, M
                           PlanError, ProtocolError, average, collabedit, digest, digest_records, fedavg, merge,
                           relation_of, resolve, run_collab, solve, split_plan, task_arithmetic, ties)
 from fedit.data.loaders import load_records
-from fedit.methods.vectors import LayerStats, compute_memit_base, compute_vectors, sufficient_stats
+from fedit.methods.vectors import LayerSums, compute_memit_base, compute_vectors, layer_sums
 from fedit.testing import tiny_model
 
 from helpers import DARRIEUX, EIFFEL, FAST, JORDAN, resources
@@ -28,7 +28,7 @@ def test_collabedit_merge_equals_global_base_memit_on_the_union(arch, tiny_cache
     hp = hparams_for("memit", lm, OVER)
     parts = [[EIFFEL], [JORDAN, DARRIEUX]]  # two clients
     # Each client measures its own facts on the shared base model and ships only RKᵀ, KKᵀ.
-    stats = [sufficient_stats(compute_vectors(lm, p, hp, res)[0]) for p in parts]
+    stats = [layer_sums(compute_vectors(lm, p, hp, res)[0]) for p in parts]
     C0 = res.second_moments(lm, hp.layers, hp.mom2_samples, hp.mom2_seq_len)
     merged = PublishedModel(lm).weight_deltas(collabedit(stats, C0, hp.mom2_update_weight))
     # Global MEMIT (base form) over the union, computed from scratch in one batch.
@@ -47,7 +47,7 @@ def test_collabedit_is_order_free_and_exact_on_statistics():
     C0 = {3: A @ A.T / d_in + torch.eye(d_in, dtype=torch.float64)}
     Ks = [torch.randn(n, d_in, generator=g, dtype=torch.float64) for n in (2, 3, 1)]
     Rs = [torch.randn(n, d_out, generator=g, dtype=torch.float64) for n in (2, 3, 1)]
-    stats = [{3: LayerStats(R.T @ K, K.T @ K, len(K))} for K, R in zip(Ks, Rs)]
+    stats = [{3: LayerSums(R.T @ K, K.T @ K, len(K))} for K, R in zip(Ks, Rs)]
     K, R = torch.cat(Ks), torch.cat(Rs)
     want = R.T @ K @ torch.linalg.inv(2.0 * C0[3] + K.T @ K)
     got = collabedit(stats, C0, 2.0)[3]
@@ -100,7 +100,7 @@ def test_merge_dispatch_weights_fedavg_by_edit_counts():
 
     def st(n):
         K, R = torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g, dtype=torch.float64)
-        return {0: LayerStats(R.T @ K, K.T @ K, n)}
+        return {0: LayerSums(R.T @ K, K.T @ K, n)}
 
     stats = [st(1), st(3)]
     each = [solve(s, C0, 1.0) for s in stats]
@@ -123,7 +123,7 @@ def _linear_rounds(c1_weight: float | None, lam: float = 3.0):
     for K, V in zip(Ks, Vs):
         W = W0 + st.delta.get(0, 0)
         R = V - K @ W.T  # residual measured on the model that carries the earlier rounds
-        stats = {0: LayerStats(R.T @ K, K.T @ K, len(K))}
+        stats = {0: LayerSums(R.T @ K, K.T @ K, len(K))}
         delta = solve(stats, C0, lam, st.C1 if c1_weight is not None else None)
         st.apply(delta, stats, {}, c1=c1_weight is not None, c1_weight=c1_weight or 0.0)
     return W0 + st.delta[0], W0, C0, Ks, Vs, lam
@@ -144,7 +144,7 @@ def test_c1_keeps_round_one_edits_better_than_without():
     W, W0, C0, Ks, Vs, lam = _linear_rounds(c1_weight=1.0)
     W_no, *_ = _linear_rounds(c1_weight=None)
     err = lambda W_: float((Ks[0] @ W_.T - Vs[0]).norm())  # noqa: E731  round-1 facts after round 2
-    W1_only = W0 + solve({0: LayerStats((Vs[0] - Ks[0] @ W0.T).T @ Ks[0], Ks[0].T @ Ks[0], 4)}, C0, lam)[0]
+    W1_only = W0 + solve({0: LayerSums((Vs[0] - Ks[0] @ W0.T).T @ Ks[0], Ks[0].T @ Ks[0], 4)}, C0, lam)[0]
     assert err(W) < err(W_no)
     assert err(W) < 1.5 * err(W1_only)  # round 2 barely disturbs round 1 with C₁
 

@@ -9,7 +9,7 @@ import torch
 
 from fedit.cli.main import main
 from fedit.collab.secure import CLIP, LEVELS, MODULUS, decode, encode, exponents
-from fedit.methods.vectors import LayerStats
+from fedit.methods.vectors import LayerSums
 
 from helpers import run_json, CORPUS, FAST
 
@@ -41,7 +41,7 @@ def test_secagg_quantiser_is_exact_on_integer_limbs():
     parts = []
     for s in (1e4, 1e-3, 3.0):
         K, R = torch.randn(4, 5, generator=g, dtype=torch.float64) * s, torch.randn(4, 3, generator=g, dtype=torch.float64)
-        parts.append({1: LayerStats(R.T @ K, K.T @ K, 4)})
+        parts.append({1: LayerSums(R.T @ K, K.T @ K, 4)})
     ex = [exponents(p, [1], shapes) for p in parts]
     exps = {n: max(e[n] for e in ex) for n in ex[0]}
     rng = np.random.default_rng(0)

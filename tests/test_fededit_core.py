@@ -172,7 +172,7 @@ def test_centralised_reference_optimises_only_the_targets_it_is_not_given(tiny_c
     from fedit.data.loaders import load_records
     from fedit.federation.report import centralised_reference
     from fedit.federation.settings import FedSettings
-    from fedit.methods.memit import targets_for
+    from fedit.methods.targets import targets_for
 
     lm = tiny_model("gpt2")
     (tmp_path / "hp.json").write_text(json.dumps(OVER))

@@ -23,7 +23,7 @@ from fedit.collab.protocol import FactDigest, digest_records
 from fedit.deltas import AppliedEdit, WeightDeltas
 from fedit.errors import FeditError
 from fedit.evaluate.runner import measure, record_metrics
-from fedit.methods.vectors import EditVectors, LayerStats, check_finite, compute_vectors, sufficient_stats
+from fedit.methods.vectors import EditVectors, LayerSums, check_finite, compute_vectors, layer_sums
 
 
 class CollabError(FeditError):
@@ -72,8 +72,8 @@ class Prepared:
     def n(self) -> int:
         return len(self.used)
 
-    def stats(self) -> dict[int, LayerStats]:
-        return sufficient_stats(self.vectors) if self.vectors is not None and len(self.vectors) else {}
+    def stats(self) -> dict[int, LayerSums]:
+        return layer_sums(self.vectors) if self.vectors is not None and len(self.vectors) else {}
 
 
 class CollabClient:
@@ -144,7 +144,7 @@ class CollabClient:
             prepared.append({"version": version, "round": rnd, "keep": list(keep), "used": p.used,
                              "vanished": p.vanished, "seconds": p.seconds, "targets": p.targets,
                              "vectors": p.vectors is not None,
-                             "fingerprint": p.vectors.base if p.vectors is not None else ""})
+                             "fingerprint": p.vectors.base_fingerprint if p.vectors is not None else ""})
         return arrays, {"prepared": prepared, "pre": {str(r): v for r, v in self._pre.items()}}
 
     def restore(self, arrays: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -157,7 +157,7 @@ class CollabClient:
             self._cache[(e["version"], int(e["round"]), tuple(e["keep"]))] = Prepared(
                 e["version"], list(e["used"]), list(e["vanished"]), vec, float(e["seconds"]), list(e["targets"]))
 
-    def layer_stats(self, rnd: int, prepared: Prepared, step: int) -> LayerStats | None:
+    def layer_stats(self, rnd: int, prepared: Prepared, step: int) -> LayerSums | None:
         """Layer-sequential form: this client's statistics at edited layer ``step`` on the model as
         it is (None without facts), with the targets z of ``prepared``."""
         from fedit.collab.layerwise import layer_stats

@@ -22,11 +22,11 @@ import torch
 
 from fedit.core import activations
 from fedit.core.pullback import pull_back
-from fedit.methods.vectors import LayerStats
+from fedit.methods.vectors import LayerSums
 
 
 def layer_stats(lm, requests: list, zs: torch.Tensor, layers: list[int], step: int, groups: list[list[str]],
-                pullback_steps: int = 0) -> LayerStats:
+                pullback_steps: int = 0) -> LayerSums:
     """The statistics of ``requests`` with targets ``zs`` [n, d_model] at ``layers[step]``, measured
     on ``lm`` as it is (carrying the merged updates of the layers below)."""
     ad, l, L = lm.adapter, layers[step], layers[-1]
@@ -38,4 +38,4 @@ def layer_stats(lm, requests: list, zs: torch.Tensor, layers: list[int], step: i
         want, _, _ = pull_back(lm, requests, l, L, want, steps=pullback_steps)
     R = ad.residual_to_w_out(l, want, cur["o"][:, 0]).double().cpu()  # [n, d_out]
     K = K.cpu()
-    return LayerStats(RK=R.T @ K, KK=K.T @ K, n=len(requests))
+    return LayerSums(RK=R.T @ K, KK=K.T @ K, n=len(requests))

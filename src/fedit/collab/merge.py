@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import torch
 
 from fedit.errors import FeditError
-from fedit.methods.vectors import LayerStats, delta_from_stats
+from fedit.methods.vectors import LayerSums, delta_from_sums
 
 MERGES = ("collabedit", "task-arithmetic", "average", "ties", "fedavg")
 
-Stats = dict[int, LayerStats]
+Stats = dict[int, LayerSums]
 Delta = dict[int, torch.Tensor]
 
 
@@ -83,7 +83,7 @@ def _check_C(stats: Stats, C0: dict[int, torch.Tensor]) -> None:
 def solve(stats: Stats, C0: dict[int, torch.Tensor], lam: float, C1: dict[int, torch.Tensor] | None = None) -> Delta:
     """Base-form MEMIT solve per layer: Δ_l = RK_l (λC₀_l + C₁_l + KK_l)⁻¹ (float64)."""
     _check_C(stats, C0)
-    return {l: delta_from_stats(st, C0[l].to(st.KK.device), lam, None if C1 is None else C1.get(l))
+    return {l: delta_from_sums(st, C0[l].to(st.KK.device), lam, None if C1 is None else C1.get(l))
             for l, st in stats.items()}
 
 
@@ -179,7 +179,7 @@ def merge(cfg: MergeConfig, client_stats: list[Stats], C0: dict[int, torch.Tenso
 
     ``C1`` (the running covariance of earlier rounds' edits) is used by ``collabedit`` only;
     the baselines merge the clients' own updates ``deltas`` (computed here from the statistics
-    when not given). Weights for ``fedavg`` are the clients' edit counts (``LayerStats.n``).
+    when not given). Weights for ``fedavg`` are the clients' edit counts (``LayerSums.n``).
     """
     if cfg.method == "collabedit":
         return collabedit(client_stats, C0, lam, C1)

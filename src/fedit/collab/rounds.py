@@ -28,7 +28,7 @@ from fedit.collab.merge import MergeError, merge_updates, solve
 from fedit.collab.protocol import FactDigest, Resolution, resolve
 from fedit.collab.report import round_entry
 from fedit.collab.state import CollabState
-from fedit.methods.vectors import LayerStats, delta_from_stats
+from fedit.methods.vectors import LayerSums, delta_from_sums
 
 Delta = dict[int, torch.Tensor]  # layer -> [d_out, d_in], math layout of W_out
 Applied = dict[str, dict[int, list[int]]]  # client -> round -> indices of the facts now on the model
@@ -52,14 +52,14 @@ class Exchange(Protocol):
     def prepare(self, rnd: int, keep: dict[str, list[int]], state: CollabState) -> dict[str, Edited]:
         """Each client edits its kept facts on the model that carries ``state``."""
 
-    def summed_stats(self, rnd: int, keep: dict[str, list[int]], state: CollabState) -> dict[int, LayerStats]:
+    def summed_stats(self, rnd: int, keep: dict[str, list[int]], state: CollabState) -> dict[int, LayerSums]:
         """Σ over clients of the prepared statistics (the server may see only the sum)."""
 
     def updates(self, rnd: int, keep: dict[str, list[int]], state: CollabState) -> tuple[list[Delta], list[float]]:
         """Each client's own update Δᵢ and its number of edits."""
 
     def layer_stats(self, rnd: int, keep: dict[str, list[int]], state: CollabState, step: int,
-                    below: Delta) -> LayerStats:
+                    below: Delta) -> LayerSums:
         """Layer-sequential form: Σ over clients of the statistics at edited layer ``step``, measured
         on the model carrying ``state`` plus ``below`` (this round's merged lower layers)."""
 
@@ -77,7 +77,7 @@ class Solver:
 
 
 def _merged(method: str, ex: Exchange, rnd: int, keep: dict[str, list[int]], st: CollabState,
-            cfg: CollabConfig, solver: Solver) -> tuple[dict[int, LayerStats], Delta]:
+            cfg: CollabConfig, solver: Solver) -> tuple[dict[int, LayerSums], Delta]:
     """(summed statistics or {}, merged Δ or {} when nothing can be merged)."""
     if method == "collabedit" and cfg.form == "layerwise":
         return _layer_by_layer(ex, rnd, keep, st, cfg, solver)
@@ -92,16 +92,16 @@ def _merged(method: str, ex: Exchange, rnd: int, keep: dict[str, list[int]], st:
 
 
 def _layer_by_layer(ex: Exchange, rnd: int, keep: dict[str, list[int]], st: CollabState, cfg: CollabConfig,
-                    solver: Solver) -> tuple[dict[int, LayerStats], Delta]:
+                    solver: Solver) -> tuple[dict[int, LayerSums], Delta]:
     """One exchange per edited layer, lowest first: the clients measure with the merged layers
     below applied, the server solves the layer with λC₀ + C₁ + Σ K Kᵀ."""
-    total: dict[int, LayerStats] = {}
+    total: dict[int, LayerSums] = {}
     delta: Delta = {}
     for step, l in enumerate(solver.layers):
         s_l = ex.layer_stats(rnd, keep, st, step, delta)
         total[l] = s_l
         C1 = st.C1.get(l) if cfg.c1 else None
-        delta[l] = delta_from_stats(s_l, solver.C0[l].to(s_l.KK.device), solver.lam, C1)
+        delta[l] = delta_from_sums(s_l, solver.C0[l].to(s_l.KK.device), solver.lam, C1)
     return total, delta
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fedit.errors import FeditError
-from fedit.methods.vectors import LayerStats
+from fedit.methods.vectors import LayerSums
 
 LIMB_BITS = 20
 LIMBS = 3
@@ -55,7 +55,7 @@ def exponent(t: torch.Tensor) -> int:
     return NO_EXPONENT if m == 0 else math.frexp(m)[1]
 
 
-def _flat(stats: dict[int, LayerStats], layers: list[int], shapes: dict[int, tuple[int, int]]) -> dict[str, torch.Tensor]:
+def _flat(stats: dict[int, LayerSums], layers: list[int], shapes: dict[int, tuple[int, int]]) -> dict[str, torch.Tensor]:
     out = {}
     for l in layers:
         d_out, d_in = shapes[l]
@@ -68,12 +68,12 @@ def _flat(stats: dict[int, LayerStats], layers: list[int], shapes: dict[int, tup
     return out
 
 
-def exponents(stats: dict[int, LayerStats], layers: list[int], shapes: dict[int, tuple[int, int]]) -> dict[str, int]:
+def exponents(stats: dict[int, LayerSums], layers: list[int], shapes: dict[int, tuple[int, int]]) -> dict[str, int]:
     """What a client tells the server before the secure sum: one exponent per tensor."""
     return {n: exponent(t) for n, t in _flat(stats, layers, shapes).items()}
 
 
-def encode(stats: dict[int, LayerStats], layers: list[int], shapes: dict[int, tuple[int, int]],
+def encode(stats: dict[int, LayerSums], layers: list[int], shapes: dict[int, tuple[int, int]],
            exps: dict[str, int]) -> list[np.ndarray]:
     """Integer-valued float64 limbs of every tensor (``LIMBS`` arrays per tensor, in order)."""
     out = []
@@ -92,7 +92,7 @@ def encode(stats: dict[int, LayerStats], layers: list[int], shapes: dict[int, tu
 
 
 def decode(limb_sums: list[np.ndarray], layers: list[int], shapes: dict[int, tuple[int, int]],
-           exps: dict[str, int], n: int) -> dict[int, LayerStats]:
+           exps: dict[str, int], n: int) -> dict[int, LayerSums]:
     """Per-layer summed statistics from the sums of every client's limbs (``n``: facts in all)."""
     names = tensor_names(layers)
     if len(limb_sums) != LIMBS * len(names):
@@ -115,5 +115,5 @@ def decode(limb_sums: list[np.ndarray], layers: list[int], shapes: dict[int, tup
         iu = torch.triu_indices(d_in, d_in)
         kk[iu[0], iu[1]] = vals[f"kk.{l}"]
         kk = kk + kk.triu(1).T
-        out[l] = LayerStats(RK=vals[f"rk.{l}"].reshape(d_out, d_in), KK=kk, n=n)
+        out[l] = LayerSums(RK=vals[f"rk.{l}"].reshape(d_out, d_in), KK=kk, n=n)
     return out

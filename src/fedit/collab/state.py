@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedit.methods.vectors import LayerStats
+from fedit.methods.vectors import LayerSums
 
 
 @dataclass
@@ -32,7 +32,7 @@ class CollabState:
     round: int = 0
     version: str = "base"  # names the model state clients must measure on
 
-    def apply(self, delta: dict[int, torch.Tensor], stats: dict[int, LayerStats] | None, facts: dict[str, str],
+    def apply(self, delta: dict[int, torch.Tensor], stats: dict[int, LayerSums] | None, facts: dict[str, str],
               c1: bool = True, c1_weight: float = 1.0, version: str | None = None) -> None:
         """Record one merged round: add Δ, grow C₁ by ``c1_weight`` · ΣKKᵀ, remember the facts."""
         self.round += 1

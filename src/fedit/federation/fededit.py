@@ -43,8 +43,8 @@ from fedit.methods.vectors import (
     VectorError,
     check_finite,
     compute_vectors,
-    deltas_from_stats,
-    sufficient_stats,
+    deltas_from_sums,
+    layer_sums,
 )
 from fedit.requests import EditRequest
 
@@ -161,7 +161,7 @@ class FedEditClient:
         self.to_base()
         if self.vectors is None or not len(self.vectors):
             return
-        wd = deltas_from_stats(self.lm, sufficient_stats(self.vectors), self.hp, self.res, method="memit")
+        wd = deltas_from_sums(self.lm, layer_sums(self.vectors), self.hp, self.res, method="memit")
         self.applied = [wd.apply(self.lm.model, check_base=False)]
 
     def current_deltas(self) -> dict[str, torch.Tensor]:
@@ -280,7 +280,7 @@ class FedEditClient:
                                    "every client must start from the same base model.")
                 try:
                     vec = EditVectors.from_fact_tensors(
-                        [{"z": hits.vectors[i], **hits.payloads[i]} for i in range(n)], base=self.fingerprint)  # payload z wins
+                        [{"z": hits.vectors[i], **hits.payloads[i]} for i in range(n)], base_fingerprint=self.fingerprint)  # payload z wins
                 except VectorError as e:
                     raise FedError(f"reused MKVs do not carry what private mode needs: {e.problem}",
                                    "run every client in the same --mode (private MKVs carry keys and residuals).") from e

@@ -44,7 +44,7 @@ def centralised_reference(lm, records_by_client: dict[str, list], settings, zs: 
     given = [f in have for f in ids]
     targets = None
     if any(given):  # reuse what is given; optimise only the others (one batch), then solve all together
-        from fedit.methods.memit import targets_for
+        from fedit.methods.targets import targets_for
 
         missing = [q for q, g in zip(reqs, given) if not g]
         fresh = iter(targets_for(lm, missing, hp, res.templates(lm, hp.context_template_length_params),

@@ -54,10 +54,9 @@ class EditVectors:
     base_fingerprint: str = ""  # fingerprint of the base model they were measured on
 
     def __init__(self, zs: torch.Tensor, keys: dict[int, torch.Tensor], resids: dict[int, torch.Tensor],
-                 base_fingerprint: str = "", *, base: str | None = None):
-        """``base``: the old name of ``base_fingerprint`` (federation/ and collab/ still pass it)."""
+                 base_fingerprint: str = ""):
         self.zs, self.keys, self.resids = zs, keys, resids
-        self.base_fingerprint = base if base is not None else base_fingerprint
+        self.base_fingerprint = base_fingerprint
         self._check()
 
     def _check(self) -> None:
@@ -69,11 +68,6 @@ class EditVectors:
             if self.keys[l].shape[0] != n or self.resids[l].shape[0] != n:
                 raise VectorError(f"layer {l} has {self.keys[l].shape[0]} keys and {self.resids[l].shape[0]} "
                                   f"residuals for {n} targets.", "send one key and one residual per fact and layer.")
-
-    @property
-    def base(self) -> str:
-        """The old name of :attr:`base_fingerprint` (federation/ and collab/ still read it)."""
-        return self.base_fingerprint
 
     @property
     def layers(self) -> list[int]:
@@ -112,10 +106,8 @@ class EditVectors:
         return out
 
     @staticmethod
-    def from_fact_tensors(facts: list[dict[str, torch.Tensor]], base_fingerprint: str = "",
-                          base: str | None = None) -> "EditVectors":
-        """The vectors of ``facts`` (each as :meth:`fact_tensors` gives it); ``base`` is the old
-        name of ``base_fingerprint``."""
+    def from_fact_tensors(facts: list[dict[str, torch.Tensor]], base_fingerprint: str = "") -> "EditVectors":
+        """The vectors of ``facts`` (each as :meth:`fact_tensors` gives it)."""
         if not facts:
             raise VectorError("no facts given.", "pass at least one fact's tensors.")
         layers = sorted(int(k.split(".", 1)[1]) for k in facts[0] if k.startswith("key."))
@@ -126,7 +118,7 @@ class EditVectors:
                                   "send z, key.<layer> and resid.<layer> for the same layers in every fact.")
         stack = lambda name: torch.stack([f[name].float() for f in facts])  # noqa: E731
         return EditVectors(stack("z"), {l: stack(f"key.{l}") for l in layers},
-                           {l: stack(f"resid.{l}") for l in layers}, base_fingerprint, base=base)
+                           {l: stack(f"resid.{l}") for l in layers}, base_fingerprint)
 
 
 def layer_sums(vectors: EditVectors) -> dict[int, LayerSums]:
@@ -193,9 +185,3 @@ def compute_memit_base(lm, requests: list[EditRequest], hp, res, zs: torch.Tenso
     return EditOutcome(deltas=wd, targets=reports, seconds=time.perf_counter() - t0, target_seconds=t_target,
                        diagnostics={"form": "base", "vectors": vectors})
 
-
-# Old names, kept while federation/ and collab/ still import them from here.
-LayerStats = LayerSums
-sufficient_stats = layer_sums
-delta_from_stats = delta_from_sums
-deltas_from_stats = deltas_from_sums

@@ -17,7 +17,7 @@ from fedit.collab.secure import NO_EXPONENT
 from fedit.collab.settings import CollabSettings
 from fedit.collab.state import CollabState, add_layers
 from fedit.federation.flower import ask, layers_to_arrays, to_tensors
-from fedit.methods.vectors import LayerStats
+from fedit.methods.vectors import LayerSums
 
 
 def _fail(why: str) -> CollabError:
@@ -72,7 +72,7 @@ class FlowerExchange:
         self._n = sum(len(e.used) for e in out.values())
         return {self.ids[nid]: out[self.ids[nid]] for nid in self.order}
 
-    def summed_stats(self, rnd: int, keep: dict[str, list[int]], state: CollabState) -> dict[int, LayerStats]:
+    def summed_stats(self, rnd: int, keep: dict[str, list[int]], state: CollabState) -> dict[int, LayerSums]:
         if self.s.secagg:
             exps = {n: max(int(p.get(n, NO_EXPONENT)) for p in self._exponents) for n in self._exponents[0]}
             total, info = secure_sum(self.grid, self.context, self.nodes, rnd, self._asked(rnd, state), self.layout,
@@ -83,7 +83,7 @@ class FlowerExchange:
         return sum_stats([_stats_of(r) for r in got.values()])
 
     def layer_stats(self, rnd: int, keep: dict[str, list[int]], state: CollabState, step: int,
-                    below: dict[int, torch.Tensor]) -> LayerStats:
+                    below: dict[int, torch.Tensor]) -> LayerSums:
         l = self.layout[0][step]
         asked = self._asked(rnd, state)
 
@@ -117,8 +117,8 @@ class FlowerExchange:
                 for nid in self.order}
 
 
-def _stats_of(content: RecordDict) -> dict[int, LayerStats]:
+def _stats_of(content: RecordDict) -> dict[int, LayerSums]:
     ts: dict[str, torch.Tensor] = to_tensors(content.array_records.get("stats"))
     n = int(content.config_records["collab"]["n"])
     layers = sorted(int(k[3:]) for k in ts if k.startswith("rk."))
-    return {l: LayerStats(ts[f"rk.{l}"].double(), ts[f"kk.{l}"].double(), n) for l in layers}
+    return {l: LayerSums(ts[f"rk.{l}"].double(), ts[f"kk.{l}"].double(), n) for l in layers}

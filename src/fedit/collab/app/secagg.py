@@ -26,7 +26,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 
 from fedit.collab.client import CollabError
 from fedit.collab.secure import CLIP, LEVELS, MODULUS, decode
-from fedit.methods.vectors import LayerStats
+from fedit.methods.vectors import LayerSums
 
 
 class HandOver(Strategy):
@@ -76,7 +76,7 @@ def _run_workflow(grid, context: Context, nodes: list[int], rnd: int, strategy: 
 
 def secure_sum(grid, context: Context, nodes: list[int], rnd: int, fit_config: Callable[[int], dict[str, Any]],
                layout: tuple[list[int], dict[int, tuple[int, int]]], exps: dict[str, int], n_total: int,
-               shares: float = 1.0, threshold: float = 0.67) -> tuple[dict[int, LayerStats], dict[str, Any]]:
+               shares: float = 1.0, threshold: float = 0.67) -> tuple[dict[int, LayerSums], dict[str, Any]]:
     """Σ over clients of their statistics, the server seeing only the masked sum.
 
     ``fit_config(node)``: what that client needs to find its prepared edit; ``layout``: (layers,

@@ -132,10 +132,10 @@ def layer_arrays(c: CollabClient, version: str, rnd: int, keep: list[int],
 def secure_layer_limbs(c: CollabClient, step: int, n: int, arrays: dict[str, torch.Tensor],
                        exps: dict[str, int]) -> list:
     """The statistics ``layer_arrays`` gave for edited layer ``step``, as integer limbs for SecAgg+."""
-    from fedit.methods.vectors import LayerStats
+    from fedit.methods.vectors import LayerSums
 
     l = c.hp.layers[step]
-    stats = {l: LayerStats(arrays[f"rk.{l}"].double(), arrays[f"kk.{l}"].double(), n)} if arrays else {}
+    stats = {l: LayerSums(arrays[f"rk.{l}"].double(), arrays[f"kk.{l}"].double(), n)} if arrays else {}
     return encode(stats, [l], {l: shapes(c)[l]}, exps)
 
 
