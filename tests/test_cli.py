@@ -332,7 +332,7 @@ def test_fed_and_collab_share_flag_names_and_keep_the_old_ones():
     new = ap.parse_args(["collab", "run", "--clients", "4", "--rounds", "2", "--records-per-client", "6", "--out", "o"])
     old = ap.parse_args(["collab", "run", "--clients", "4", "--slots", "2", "--per-client", "3", "--out", "o"])
     assert collab.per_round(new) == collab.per_round(old) == 3 and new.clients == old.clients == 4
-    assert collab.per_round(ap.parse_args(["collab", "run", "--rounds", "2", "--out", "o"])) == collab.PER_ROUND
+    assert collab.per_round(ap.parse_args(["collab", "run", "--rounds", "2", "--out", "o"])) == collab._defaults().per_client
     with pytest.raises(FeditError, match="split evenly"):
         collab.per_round(ap.parse_args(["collab", "run", "--rounds", "2", "--records-per-client", "5", "--out", "o"]))
     code = main(["collab", "run", "--per-client", "2", "--records-per-client", "4", "--out", "o"])
