@@ -70,8 +70,11 @@ def test_partition_and_peft_export_without_their_packages(monkeypatch, tmp_path)
     from fedit.federation.partition import minilm_embed
     from fedit.testing import tiny_model
 
+    from fedit.encoder import minilm
+
+    minilm.cache_clear()  # a model loaded earlier in this process would be returned as it is
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)
-    with pytest.raises(MissingExtraError, match=r"fedit\[partition\]"):
+    with pytest.raises(MissingExtraError, match=r"fedit\[minilm\]"):
         minilm_embed(["a question"])
     monkeypatch.setitem(sys.modules, "peft", None)
     lm = tiny_model("gpt2")

