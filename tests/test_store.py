@@ -302,3 +302,19 @@ def test_store_retrieve_topk(store):
     batch = store.retrieve_topk(torch.stack([_unit(0), _unit(180)]), 1)
     assert [[m.mkv.id for m in row] for row in batch] == [[ida[0]], [idb[2]]]
     assert store.retrieve_topk(_unit(0), 3, slot=9) == []
+
+
+def test_new_store_file_is_readable_by_its_owner_only(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)  # a usual umask would leave the file world-readable
+    try:
+        path = tmp_path / "m.sqlite"
+        with MKVStore(path, dim=D) as s:
+            s.register_client("a")
+            s.add("a", 0, vecs(2))
+    finally:
+        os.umask(old)
+    for f in tmp_path.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f

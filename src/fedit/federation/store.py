@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -118,6 +119,7 @@ class MKVStore:
             self.path = str(p)
             _check_file(p)
             p.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(p)
         try:
             conn = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions below
         except sqlite3.Error as e:
@@ -454,6 +456,18 @@ def _check_file(p: Path) -> None:
             raise StoreError(f"{p} exists but is not an SQLite database (corrupt, or another kind of file).",
                              "move the file aside, or point the store to another path; fedit does not "
                              "overwrite it.")
+
+
+def _create_private(p: Path) -> None:
+    """Create a new store file readable by its owner only (0600); SQLite gives its WAL and
+    shared-memory files the same mode. An existing file keeps its mode."""
+    try:
+        os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StoreError(f"cannot create the MKV store {p}: {e}.",
+                         "check the folder's permissions and free space, or point to another path.") from e
 
 
 def _check_client_id(client_id: Any) -> None:
