@@ -116,11 +116,9 @@ class WeightDeltas:
         meta = {"format": FORMAT, "method": self.method, "model": json.dumps(self.model),
                 "requests": json.dumps(self.requests), "hparams": json.dumps(self.hparams),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+        from fedit.atomic import replace_with
+
+        return replace_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "WeightDeltas":

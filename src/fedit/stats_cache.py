@@ -17,6 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from fedit.atomic import replace_with
+
 from fedit import progress as fedit_progress
 from fedit.core.moments import MomentSums, accumulate
 from fedit.corpus import Corpus, open_corpus
@@ -36,9 +38,8 @@ def stats_dir(lm, corpus: Corpus, cache_dir: str | os.PathLike | None = None) ->
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    replace_with(path, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                                             metadata=meta))
 
 
 def second_moments(lm, layers: list[int], corpus: str | Path | Corpus | None = None, samples: int = 1000,

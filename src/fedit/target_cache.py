@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from fedit.atomic import replace_with
 from fedit.errors import FeditError
 
 log = logging.getLogger(__name__)
@@ -104,9 +105,6 @@ class TargetCache:
 
     def put(self, key: str, result) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = {k: v for k, v in asdict(result).items() if k != "from_cache"}
         data = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+        replace_with(path, lambda tmp: torch.save(data, tmp))

@@ -210,7 +210,9 @@ def resources_from(args):
 def load(args):
     """The model of ``--model`` (default: the built-in one) with ``--device``/``--dtype``."""
     from fedit.models.loading import DEFAULT_MODEL, load_model
+    from fedit.paths import cache_root
 
+    cache_root(args.cache_dir)  # a cache folder that is a file or not writable: refused before loading
     return load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
                       device_map=getattr(args, "device_map", None))
 
