@@ -170,7 +170,15 @@ def load_requests(path: str | Path) -> list[EditRequest]:
     p = Path(path)
     if not p.exists():
         raise RequestError(f"requests file {p} does not exist.", "check the path given to --requests.")
-    text = p.read_text(encoding="utf-8")
+    if p.is_dir():
+        raise RequestError(f"requests file {p} is a folder.", "give the path of one JSON or JSONL file.")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(f"requests file {p} is not UTF-8 text.",
+                           "save it as UTF-8 JSON (a list of requests, or one object per line).") from None
+    except OSError as e:
+        raise RequestError(f"cannot read requests file {p}: {e.strerror or e}.", "check its permissions.") from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

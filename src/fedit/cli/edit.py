@@ -50,7 +50,7 @@ def run(args) -> int:
     export_cli.check_edit_outputs(args)
     common.sets_from(args, args.method)  # refuse a bad --set before loading the model
     lm = common.load(args)
-    validate_for_tokenizer(lm.tokenizer, requests)
+    validate_for_tokenizer(lm.tokenizer, requests, lm.model)
     hp, sources = common.resolve_hparams(args, lm, args.method)
     rows = common.request_rows(requests)
     common.probe(lm, rows, "before")
