@@ -49,6 +49,10 @@ CASES = [
     ("requests-empty-list", lambda d, m, e: [*EDIT, "--requests", _write(d, "r.json", "[]")], ["no requests"]),
     ("prompt-longer-than-context", lambda d, m, e: [*EDIT, "--prompt", "{} is" + " very" * 300 + " near",
                                                     "--subject", "Paris", "--target", "Rome"], ["tokens", "at most"]),
+    ("conflicting-targets", lambda d, m, e: [*EDIT, "--requests", _write(d, "r.jsonl", "\n".join(
+        json.dumps({"prompt": "{} is in", "subject": "Paris", "target_new": t}) for t in ("Rome", "Oslo")))],
+     ["two targets", "Rome", "Oslo"]),
+    ("target-equals-target-true", lambda d, m, e: [*EDIT, *ONE, "--target-true", "Rome"], ["equals target_true"]),
     ("hparams-json-list", lambda d, m, e: [*EDIT, *ONE, "--hparams", _write(d, "hp.json", "[1, 2]")],
      ["not an object"]),
     ("hparams-not-utf8", lambda d, m, e: [*EDIT, *ONE, "--hparams", _write(d, "hp.json", b"\xff{}")], ["hyperparameters"]),
