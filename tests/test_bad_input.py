@@ -8,6 +8,7 @@ import os
 import stat
 
 import pytest
+import torch
 
 from fedit.cli.main import main
 
@@ -116,3 +117,29 @@ def test_unwritable_cache_dir_is_refused_before_loading(tiny_model_dir, tmp_path
     finally:
         ro.chmod(stat.S_IRWXU)
     assert code == 2 and "cache folder" in err["error"]
+
+
+def _scaled_copy(src, dst, scale=None, nan_originals=False):
+    from fedit.deltas import WeightDeltas
+
+    wd = WeightDeltas.load(src)
+    if scale is not None:
+        wd.deltas = {n: d * scale for n, d in wd.deltas.items()}
+        wd.originals = None  # as a tampered file would: the norm bound must hold on its own
+    if nan_originals:
+        wd.originals = {n: torch.full_like(o, float("nan")) for n, o in wd.originals.items()}
+    wd.save(dst)
+    return dst
+
+
+def test_absurd_delta_refused_unless_forced_and_nan_originals_refused_even_forced(tiny_model_dir, saved_edit,
+                                                                                   tmp_path, capsys):
+    big = _scaled_copy(saved_edit, tmp_path / "big.safetensors", scale=1e30)
+    common = ["--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "c"), "--json"]
+    code, err = run_json(capsys, main, ["apply", str(big), "--out", str(tmp_path / "m"), *common])
+    assert code == 2 and "times the weight's" in err["error"] and not (tmp_path / "m").exists()
+    bad = _scaled_copy(saved_edit, tmp_path / "nan.safetensors", nan_originals=True)
+    before = _hashes(tmp_path)
+    code, err = run_json(capsys, main, ["revert", str(bad), "--force", "--out", str(tmp_path / "m"), *common])
+    assert code == 2 and "NaN" in err["error"] and not (tmp_path / "m").exists()
+    assert {k: v for k, v in _hashes(tmp_path).items() if "/c/" not in k} == before

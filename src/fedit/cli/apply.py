@@ -11,7 +11,7 @@ def register(sub) -> None:
     file_command(sub, "apply", "apply a saved edit to a model", run,
                  file="a .safetensors edit written by `fedit edit --save`",
                  out="write the edited model to this folder (loadable with --model; default: memory only)",
-                 force="apply even if the base weights differ")
+                 force="apply even if the base weights differ or the delta is over 100 times its weight's norm")
 
 
 def file_command(sub, name: str, help: str, run, *, file: str, out: str, force: str) -> None:
@@ -69,7 +69,7 @@ def run(args) -> int:
     lm = common.load(args)
     rows = file_rows(wd)
     common.probe(lm, rows, "before")
-    wd.apply(lm.model, check_base=not args.force)
+    wd.apply(lm.model, check_base=not args.force, check_norm=not args.force)
     common.probe(lm, rows, "after")
     if args.out:
         save_model(lm, args.out, lm.identity())
