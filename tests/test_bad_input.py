@@ -143,3 +143,12 @@ def test_absurd_delta_refused_unless_forced_and_nan_originals_refused_even_force
     code, err = run_json(capsys, main, ["revert", str(bad), "--force", "--out", str(tmp_path / "m"), *common])
     assert code == 2 and "NaN" in err["error"] and not (tmp_path / "m").exists()
     assert {k: v for k, v in _hashes(tmp_path).items() if "/c/" not in k} == before
+
+
+def test_misspelt_run_config_key_is_warned_about_and_other_apps_keys_are_not(caplog):
+    from fedit.federation.settings import FedSettings
+
+    with caplog.at_level("WARNING", logger="fedit.federation.settings"):
+        s = FedSettings.from_user_config({"clinets": 3, "num-server-rounds": 2})
+    assert "'clinets'" in caplog.text and "'clients'" in caplog.text
+    assert "num-server-rounds" not in caplog.text and s.clients != 3
