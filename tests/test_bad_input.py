@@ -149,6 +149,6 @@ def test_misspelt_run_config_key_is_warned_about_and_other_apps_keys_are_not(cap
     from fedit.federation.settings import FedSettings
 
     with caplog.at_level("WARNING", logger="fedit.federation.settings"):
-        s = FedSettings.from_user_config({"clinets": 3, "num-server-rounds": 2})
+        s = FedSettings.from_user_config({"clinets": 7, "num-server-rounds": 2})
     assert "'clinets'" in caplog.text and "'clients'" in caplog.text
-    assert "num-server-rounds" not in caplog.text and s.clients != 3
+    assert "num-server-rounds" not in caplog.text and s.clients != 7, caplog.text
