@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,29 @@ def test_misspelt_run_config_key_is_warned_about_and_other_apps_keys_are_not(cap
         s = FedSettings.from_user_config({"clinets": 7, "num-server-rounds": 2})
     assert "'clinets'" in caplog.text and "'clients'" in caplog.text
     assert "num-server-rounds" not in caplog.text and s.clients != 7, caplog.text
+
+
+def test_full_disk_while_writing_out_keeps_the_previous_model_folder(tiny_model_dir, saved_edit, tmp_path, capsys,
+                                                                      monkeypatch):
+    import errno
+
+    import transformers
+
+    from fedit.models.loading import BASE_FILE
+
+    out = tmp_path / "edited"
+    out.mkdir()
+    (out / BASE_FILE).write_text("{}")  # an earlier fedit --out
+    (out / "model.safetensors").write_bytes(b"earlier weights")
+    before = _hashes(tmp_path)
+
+    def full_disk(self, path, *a, **k):
+        (Path(path) / "model.safetensors").write_bytes(b"half")  # a partial file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_disk)
+    code, err = run_json(capsys, main, ["apply", str(saved_edit), "--out", str(out), "--model", str(tiny_model_dir),
+                                        "--cache-dir", str(tmp_path / "c"), "--json"])
+    assert code == 2 and "No space left" in err["error"] and "unchanged" in err["error"]
+    assert {k: v for k, v in _hashes(tmp_path).items() if "/c/" not in k} == before  # no half folder, old one intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "edited"]
