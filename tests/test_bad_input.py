@@ -180,3 +180,16 @@ def test_full_disk_while_writing_out_keeps_the_previous_model_folder(tiny_model_
     assert code == 2 and "No space left" in err["error"] and "unchanged" in err["error"]
     assert {k: v for k, v in _hashes(tmp_path).items() if "/c/" not in k} == before  # no half folder, old one intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "edited"]
+
+
+def test_forced_absurd_delta_still_prints_valid_json(tiny_model_dir, saved_edit, tmp_path, capsys):
+    big = _scaled_copy(saved_edit, tmp_path / "big.safetensors", scale=1e30)
+    code = main(["apply", str(big), "--force", "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "c"),
+                 "--json"])
+    (line,) = capsys.readouterr().out.strip().splitlines()
+
+    def refuse(name):
+        raise AssertionError(f"bare {name} in --json output")
+
+    out = json.loads(line, parse_constant=refuse)  # NaN/Infinity are not JSON
+    assert code == 0 and out["requests"][0]["after"]["target_prob"] is None  # the broken model's NaN, as null
