@@ -318,3 +318,23 @@ def test_new_store_file_is_readable_by_its_owner_only(tmp_path):
         os.umask(old)
     for f in tmp_path.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f
+
+
+def test_store_locked_by_another_writer_is_a_clear_error_and_nothing_changes(tmp_path, monkeypatch):
+    import fedit.federation.store as store_mod
+
+    monkeypatch.setattr(store_mod, "LOCK_TIMEOUT", 0.1)
+    path = tmp_path / "m.sqlite"
+    with MKVStore(path, dim=D) as s:
+        s.register_client("a")
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            with pytest.raises(StoreError, match="locked by another writer"):
+                s.add("a", 0, vecs(2))
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert s.count() == 0
+        s.add("a", 0, vecs(2))  # once the lock is gone, the store works
+        assert s.count() == 2

@@ -121,7 +121,8 @@ class MKVStore:
             p.parent.mkdir(parents=True, exist_ok=True)
             _create_private(p)
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions below
+            conn = sqlite3.connect(self.path, isolation_level=None,  # explicit transactions below
+                                   timeout=LOCK_TIMEOUT)
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the MKV store {self.path}: {e}.",
                              "check the path and its permissions, or point to another path.") from e
@@ -397,17 +398,27 @@ class MKVStore:
                           f"call register_client({client_id!r}) first.")
 
     def _transaction(self):
-        return _Transaction(self._db)
+        return _Transaction(self._db, self.path)
+
+
+# Seconds a writer waits for another process's write lock before giving up with a StoreError.
+LOCK_TIMEOUT = 5.0
 
 
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (the store stays as it was)."""
 
-    def __init__(self, conn: sqlite3.Connection):
+    def __init__(self, conn: sqlite3.Connection, path: str = ""):
         self.conn = conn
+        self.path = path
 
     def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise StoreError(f"the MKV store {self.path} is locked by another writer ({e}); nothing was written.",
+                             "let the other process finish (or stop it), then run again; or use another "
+                             "store file.") from e
         return self.conn
 
     def __exit__(self, exc_type, exc, tb) -> None:
