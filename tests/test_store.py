@@ -338,3 +338,21 @@ def test_store_locked_by_another_writer_is_a_clear_error_and_nothing_changes(tmp
         assert s.count() == 0
         s.add("a", 0, vecs(2))  # once the lock is gone, the store works
         assert s.count() == 2
+
+
+@pytest.mark.parametrize("column,value", [("vector", b"\x00\x01\x02"), ("payload", b"not safetensors"),
+                                          ("meta", "{not json")])
+def test_damaged_record_is_named_not_a_raw_error(tmp_path, column, value):
+    path = tmp_path / "m.sqlite"
+    with MKVStore(path, dim=D) as s:
+        s.register_client("a")
+        s.add("a", 0, vecs(2), payloads=[payload(0), payload(1)])
+    raw = sqlite3.connect(path)
+    raw.execute(f"UPDATE mkvs SET {column} = ? WHERE id = (SELECT MIN(id) FROM mkvs)", (value,))
+    raw.commit()
+    raw.close()
+    with MKVStore(path) as s, pytest.raises(StoreError, match="damaged record"):
+        s.for_slot(0)
+    if column == "vector":  # the search path reads vectors on its own
+        with MKVStore(path) as s, pytest.raises(StoreError, match="damaged record"):
+            s.retrieve_topk(vecs(1), k=1)

@@ -328,6 +328,10 @@ class MKVStore:
         d = self._dim or 0
         if not rows:
             return [], torch.zeros(0, d)
+        for id_, vec in rows:
+            if not isinstance(vec, bytes) or len(vec) != 4 * d:
+                raise _damaged(id_, f"its vector holds {len(vec) if isinstance(vec, bytes) else 0} bytes, "
+                                    f"not {4 * d}")
         mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=_F32).reshape(len(rows), -1)
         return [r[0] for r in rows], torch.from_numpy(mat.astype(np.float32))
 
@@ -432,11 +436,21 @@ _COLS = "id, owner, slot, dim, created, vector, payload, meta"
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
+def _damaged(id_: Any, why: str) -> StoreError:
+    return StoreError(f"the MKV store holds a damaged record (id {id_}): {why}.",
+                      "the file was changed outside fedit; restore it from a copy, or start a new store.")
+
+
 def _row_to_mkv(row: tuple) -> MKV:
     id_, owner, slot, dim, created, vec, payload, meta = row
-    vector = torch.from_numpy(np.frombuffer(vec, dtype=_F32).astype(np.float32))  # [dim], own memory
-    return MKV(id=id_, owner=owner, slot=slot, dim=dim, created=created, vector=vector,
-               payload=dict(st_load(payload)) if payload else {}, meta=json.loads(meta))
+    try:
+        vector = torch.from_numpy(np.frombuffer(vec, dtype=_F32).astype(np.float32))  # [dim], own memory
+        if vector.numel() != dim or not torch.isfinite(vector).all():
+            raise ValueError(f"its vector has {vector.numel()} values (dim {dim}) or is not finite")
+        return MKV(id=id_, owner=owner, slot=slot, dim=dim, created=created, vector=vector,
+                   payload=dict(st_load(payload)) if payload else {}, meta=json.loads(meta))
+    except Exception as e:  # noqa: BLE001 - any damage in a stored record is named, never a raw traceback
+        raise _damaged(id_, f"{type(e).__name__}: {e}") from e
 
 
 def _where(slot: int | None = None, owner: str | None = None, exclude: str | None = None) -> tuple[str, list]:
