@@ -70,6 +70,8 @@ CASES = [
      ["is a file"]),
     ("fed-unknown-method", lambda d, m, e: ["fed", "run", "--method", "bogus", "--out", str(d / "fo")], ["bogus"]),
     ("eval-batch-size-0", lambda d, m, e: ["eval", "--method", "rome", "--dataset", "counterfact", "--out", str(d / "ev"), "--batch-size", "0"], ["--batch-size 0"]),
+    ("eval-out-is-a-file", lambda d, m, e: ["eval", "--method", "rome", "--dataset", "counterfact", "--out",
+                                            str(d / "folder" / "keep.txt")], ["is a file"]),
     ("eval-negative-n", lambda d, m, e: ["eval", "--method", "rome", "--dataset", "counterfact", "--out", str(d / "ev"), "--n", "-3"], ["--n -3"]),
 ]
 

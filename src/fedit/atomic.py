@@ -43,21 +43,28 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return replace_with(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
-def check_out_folder(folder: str | os.PathLike, marker: str) -> Path:
-    """Refuse an output folder that is a file or holds files fedit did not write (no ``marker``
-    file in it): call before the work, so a bad ``--out`` fails first and overwrites nothing."""
+def check_writable_folder(folder: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse an output folder that is a file, or that fedit could not create or write to."""
     path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
-        raise FeditError(f"--out {path} is a file, not a folder.", "give a new folder path.")
+        raise FeditError(f"{flag} {path} is a file, not a folder.", "give a new folder path.")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise FeditError(f"cannot write to {flag} {path}: {parent} is not a writable folder.",
+                         "choose a folder you can write to.")
+    return path
+
+
+def check_out_folder(folder: str | os.PathLike, marker: str) -> Path:
+    """Refuse an output folder that is a file, not writable, or holds files fedit did not write
+    (no ``marker`` file in it): call before the work, so a bad ``--out`` fails first and
+    overwrites nothing."""
+    path = check_writable_folder(folder)
     if path.is_dir() and any(path.iterdir()) and not (path / marker).exists():
         raise FeditError(f"--out {path} already holds files that fedit did not write; they would be replaced.",
                          "give a new or empty folder, or one an earlier fedit --out wrote.")
-    parent = path.parent if not path.exists() else path
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise FeditError(f"cannot write to --out {path}: {parent} is not writable.",
-                         "choose a folder you can write to.")
     return path
 
 

@@ -46,6 +46,9 @@ def run(args) -> int:
         if value is not None and value < 1:
             raise FeditError(f"{flag} {value}: it must be a positive whole number.",
                              f"give {flag} 1 or more, or leave it out (default: all).")
+    from fedit.atomic import check_writable_folder
+
+    check_writable_folder(args.out)  # the report's folder: a bad one fails now, not after the run
     records = load_records(args.dataset, args.data, args.n)
     common.sets_from(args, args.method)  # refuse a bad --set before loading the model
     lm = common.load(args)
