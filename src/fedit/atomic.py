@@ -48,13 +48,18 @@ def check_writable_folder(folder: str | os.PathLike, flag: str = "--out") -> Pat
     path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
         raise FeditError(f"{flag} {path} is a file, not a folder.", "give a new folder path.")
+    _check_creatable(path, flag)
+    return path
+
+
+def _check_creatable(path: Path, flag: str) -> None:
+    """Refuse ``path`` when its nearest existing ancestor is not a folder fedit may write in."""
     parent = path
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise FeditError(f"cannot write to {flag} {path}: {parent} is not a writable folder.",
-                         "choose a folder you can write to.")
-    return path
+        raise FeditError(f"cannot write {flag} {path}: {parent} is not a writable folder.",
+                         "choose a path you can write to.")
 
 
 def check_out_folder(folder: str | os.PathLike, marker: str) -> Path:
@@ -74,12 +79,7 @@ def check_out_file(path: str | os.PathLike, flag: str = "--save") -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         raise FeditError(f"{flag} {p} is a folder, not a file.", f"give a file path, e.g. {p / 'edit.safetensors'}.")
-    parent = p.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise FeditError(f"cannot write {flag} {p}: {parent} is not a writable folder.",
-                         "choose a path you can write to.")
+    _check_creatable(p.parent, flag)
     return p
 
 
