@@ -74,3 +74,16 @@ def test_tokenizer_validation_rejects_untokenisable_subject():
     validate_for_tokenizer(tok, [EditRequest(prompt="{} is", subject="Paris", target_new="big")])
     with pytest.raises(RequestError, match=r"subject '<\|endoftext\|>' tokenises to no ordinary token"):
         validate_for_tokenizer(tok, [EditRequest(prompt="{} is", subject="<|endoftext|>", target_new="big")])
+
+
+def test_check_batch_merges_duplicates_with_a_warning_and_refuses_conflicts(caplog):
+    from fedit.requests import check_batch
+
+    a = EditRequest("{} is located in", "Paris", "Rome")
+    with caplog.at_level("WARNING", logger="fedit.requests"):
+        assert check_batch([a, a, EditRequest("{} is located in", "Paris", " Rome")]) == [a]
+    assert "2 duplicate request(s)" in caplog.text
+    with pytest.raises(RequestError, match="two targets.*'Rome' and 'Berlin'"):
+        check_batch([a, EditRequest("{} is located in", "Paris", "Berlin")])
+    with pytest.raises(RequestError, match="equals target_true"):
+        check_batch([EditRequest("{} is located in", "Paris", "France", target_true=" France")])

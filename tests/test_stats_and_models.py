@@ -120,3 +120,17 @@ def test_load_model_from_local_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no config.json"):
         load_model(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("damage,match", [(lambda C: C[:-1], "has shape"), (lambda C: C * 0, "not a second moment"),
+                                          (lambda C: -C, "not a second moment"),
+                                          (lambda C: C.fill_diagonal_(float("nan")), "NaN")])
+def test_stats_file_that_cannot_be_a_second_moment_is_refused(tmp_path, damage, match):
+    from safetensors.torch import load_file, save_file
+
+    lm = tiny_model("gpt2")
+    second_moments(lm, [1], corpus=CORPUS, samples=4, seq_len=16, cache_dir=tmp_path)
+    (f,) = stats_dir(lm, __import__("fedit.corpus").corpus.open_corpus(CORPUS), tmp_path).glob("layer1-*")
+    save_file({"mom2": damage(load_file(str(f))["mom2"]).contiguous()}, str(f))
+    with pytest.raises(StatsError, match=f"{match}.*delete it"):
+        second_moments(lm, [1], corpus=CORPUS, samples=4, seq_len=16, cache_dir=tmp_path)

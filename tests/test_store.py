@@ -302,3 +302,57 @@ def test_store_retrieve_topk(store):
     batch = store.retrieve_topk(torch.stack([_unit(0), _unit(180)]), 1)
     assert [[m.mkv.id for m in row] for row in batch] == [[ida[0]], [idb[2]]]
     assert store.retrieve_topk(_unit(0), 3, slot=9) == []
+
+
+def test_new_store_file_is_readable_by_its_owner_only(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)  # a usual umask would leave the file world-readable
+    try:
+        path = tmp_path / "m.sqlite"
+        with MKVStore(path, dim=D) as s:
+            s.register_client("a")
+            s.add("a", 0, vecs(2))
+    finally:
+        os.umask(old)
+    for f in tmp_path.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f
+
+
+def test_store_locked_by_another_writer_is_a_clear_error_and_nothing_changes(tmp_path, monkeypatch):
+    import fedit.federation.store as store_mod
+
+    monkeypatch.setattr(store_mod, "LOCK_TIMEOUT", 0.1)
+    path = tmp_path / "m.sqlite"
+    with MKVStore(path, dim=D) as s:
+        s.register_client("a")
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            with pytest.raises(StoreError, match="locked by another writer"):
+                s.add("a", 0, vecs(2))
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert s.count() == 0
+        s.add("a", 0, vecs(2))  # once the lock is gone, the store works
+        assert s.count() == 2
+
+
+@pytest.mark.parametrize("column,value", [("vector", b"\x00\x01\x02"), ("payload", b"not safetensors"),
+                                          ("meta", "{not json")])
+def test_damaged_record_is_named_not_a_raw_error(tmp_path, column, value):
+    path = tmp_path / "m.sqlite"
+    with MKVStore(path, dim=D) as s:
+        s.register_client("a")
+        s.add("a", 0, vecs(2), payloads=[payload(0), payload(1)])
+    raw = sqlite3.connect(path)
+    raw.execute(f"UPDATE mkvs SET {column} = ? WHERE id = (SELECT MIN(id) FROM mkvs)", (value,))
+    raw.commit()
+    raw.close()
+    with MKVStore(path) as s, pytest.raises(StoreError, match="damaged record"):
+        s.for_slot(0)
+    if column == "vector":  # the search path reads vectors on its own
+        with MKVStore(path) as s, pytest.raises(StoreError, match="damaged record"):
+            s.retrieve_topk(vecs(1), k=1)

@@ -109,3 +109,21 @@ def test_target_precision_is_validated_and_reaches_the_config(tiny_cache, tmp_pa
     assert hparams_for("rome", lm, {"target_precision": "float32"}).target_config().autocast is None
     with pytest.raises(Exception, match="target_precision"):
         hparams_for("memit", lm, {"target_precision": "int8"})
+
+
+def test_swapped_or_altered_entries_are_detected_and_recomputed(tiny_cache, tmp_path, caplog):
+    lm, res, hp = _setup(tiny_cache, tmp_path)
+    edit(lm, [EIFFEL, JORDAN], hparams=hp, resources=res, apply=False)
+    a, b = sorted((tmp_path / "targets").rglob("*.pt"))
+    da, db = a.read_bytes(), b.read_bytes()
+    a.write_bytes(db)  # swapped: each file holds the other request's target
+    b.write_bytes(da)
+    fresh = TargetCache(tmp_path / "targets")
+    out = edit(lm, [EIFFEL, JORDAN], hparams=hp, resources=dataclasses.replace(res, _targets=fresh),
+               apply=False).outcome
+    assert [t["cached"] for t in out.targets] == [False, False] and "another key" in caplog.text
+    data = torch.load(a, weights_only=True)  # rewritten correctly; now alter its z in place
+    data["z"] = data["z"] + 1.0
+    torch.save(data, a)
+    key = a.stem
+    assert TargetCache(tmp_path / "targets").get(key) is None and "checksum mismatch" in caplog.text

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from fedit.deltas import AppliedEdit, WeightDeltas
 from fedit.methods import EditOutcome, Resources, get_method, hparams_for
-from fedit.requests import EditRequest, as_requests
+from fedit.requests import EditRequest, as_requests, check_batch
 
 
 @dataclass
@@ -28,15 +28,19 @@ class EditResult:
 
 def edit(lm, requests: Iterable[EditRequest | dict], method: str = "memit", hparams: Any = None,
          overrides: dict[str, Any] | None = None, hparams_file: str | Path | None = None,
-         resources: Resources | None = None, apply: bool = True, state: Any = None) -> EditResult:
+         resources: Resources | None = None, apply: bool = True, state: Any = None,
+         check: bool = True) -> EditResult:
     """Compute an edit with ``method`` and (by default) apply it to ``lm.model`` in place.
 
     Requests are validated before anything is computed. ``hparams`` (an instance of the
     method's hyperparameter class) wins over ``overrides``/``hparams_file``. ``state`` is for
     stateful methods (AlphaEdit): the ``outcome.state`` of the previous sequential batch, or
     None for the first; other methods ignore it. The new state is ``result.outcome.state``.
+    With ``check`` (default) exact duplicates are merged with a warning and conflicting targets
+    or a target equal to ``target_true`` are refused (:func:`fedit.requests.check_batch`);
+    benchmark runs pass ``check=False`` to edit dataset records as the dataset gives them.
     """
-    reqs = as_requests(requests)
+    reqs = check_batch(as_requests(requests)) if check else as_requests(requests)
     m = get_method(method)
     hp = hparams if hparams is not None else hparams_for(m.name, lm, overrides, hparams_file)
     outcome = m.run(lm, reqs, hp, resources or Resources(), state=state)

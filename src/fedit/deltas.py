@@ -61,11 +61,13 @@ class WeightDeltas:
             hp = dict(hparams)
         return cls(deltas=out, method=method, model=lm.identity(), requests=reqs, hparams=hp)
 
-    def apply(self, model: torch.nn.Module, check_base: bool = True) -> "AppliedEdit":
+    def apply(self, model: torch.nn.Module, check_base: bool = True, check_norm: bool = True) -> "AppliedEdit":
         """Add the deltas to ``model`` in place; the returned handle reverts bit-identically.
 
         With ``check_base`` and known originals, refuses a model whose weights are not the
-        ones the edit was computed on (nothing is changed then).
+        ones the edit was computed on; with ``check_norm``, a delta whose Frobenius norm is over
+        :data:`MAX_RELATIVE_NORM` times its weight's (nothing is changed then). NaN/Inf and
+        shapes that do not fit are always refused.
         """
         params = dict(model.named_parameters())
         missing = [n for n in self.deltas if n not in params]
@@ -78,6 +80,8 @@ class WeightDeltas:
                                      f"apply this edit to the model it was made for ({self.model.get('name')}).")
             if not torch.isfinite(d).all():
                 raise DeltaFileError(f"delta for {n} holds NaN or Inf.", "recompute the edit; this one is unusable.")
+            if check_norm:
+                _check_norm(n, d, params[n])
         if check_base and self.originals is not None:
             wrong = [n for n in self.deltas if not torch.equal(params[n].detach().cpu(), self.originals[n].to(params[n].dtype))]
             if wrong:
@@ -116,11 +120,9 @@ class WeightDeltas:
         meta = {"format": FORMAT, "method": self.method, "model": json.dumps(self.model),
                 "requests": json.dumps(self.requests), "hparams": json.dumps(self.hparams),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+        from fedit.atomic import replace_with
+
+        return replace_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "WeightDeltas":
@@ -196,6 +198,19 @@ def assign_weights(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> A
     return AppliedEdit(model=model, deltas=None, originals=originals)
 
 
+# A delta larger than this many times its weight (Frobenius norms) is refused by default: real
+# edits change a weight by a small fraction of it; a scaled or corrupt file breaks the model.
+MAX_RELATIVE_NORM = 100.0
+
+
+def _check_norm(name: str, delta: torch.Tensor, weight: torch.Tensor) -> None:
+    dn, wn = float(delta.double().norm()), float(weight.detach().double().norm())
+    if wn > 0 and dn > MAX_RELATIVE_NORM * wn:
+        raise DeltaFileError(f"delta for {name} has norm {dn:.3g}, {dn / wn:.3g} times the weight's ({wn:.3g}); "
+                             f"fedit refuses deltas over {MAX_RELATIVE_NORM:g} times, which break the model.",
+                             "recompute the edit; if you are sure of this file, pass check_norm=False / --force.")
+
+
 def revert_file_edit(model: torch.nn.Module, deltas: WeightDeltas, force: bool = False) -> None:
     """Undo a saved edit on a model that carries it, restoring the exact original weights.
 
@@ -206,6 +221,14 @@ def revert_file_edit(model: torch.nn.Module, deltas: WeightDeltas, force: bool =
         raise DeltaFileError("this edit file holds no original weights, so it cannot be reverted exactly.",
                              "save edits with originals (the default of `fedit edit --save`).")
     params = dict(model.named_parameters())
+    for n, o in deltas.originals.items():  # even with force: never write these into a model
+        if n not in params or tuple(o.shape) != tuple(params[n].shape):
+            raise DeltaFileError(f"the file's original {n} does not fit the model "
+                                 f"({tuple(o.shape)} vs {tuple(params[n].shape) if n in params else 'absent'}).",
+                                 "revert on the model the edit was applied to.")
+        if not torch.isfinite(o).all():
+            raise DeltaFileError(f"the file's original {n} holds NaN or Inf; reverting would write it into the model.",
+                                 "the file is damaged; reload the base model instead of reverting.")
     if not force:
         for n, d in deltas.deltas.items():
             if n not in params:

@@ -108,11 +108,12 @@ class MemoryEdit:
         """Nothing to record: a memory edit does not change weights."""
         return self
 
-    def apply(self, model: nn.Module, check_base: bool = True) -> "AppliedMemory":
+    def apply(self, model: nn.Module, check_base: bool = True, check_norm: bool = True) -> "AppliedMemory":
         """Install the memory's hooks on ``model``; the handle's ``revert`` removes them.
 
         Refuses a model that lacks the hooked modules (nothing is installed then). Base weights
-        are never changed, so ``check_base`` only checks that the sites exist.
+        are never changed, so ``check_base`` only checks that the sites exist (``check_norm``,
+        for the same call as :meth:`WeightDeltas.apply`, has no weight delta to bound).
         """
         install = _installer(self.kind)
         modules = []

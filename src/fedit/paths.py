@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fedit.errors import FeditError
+
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """``cache_dir`` if given, else ``$FEDIT_CACHE``, else ``~/.cache/fedit``."""
@@ -14,5 +16,14 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
         root = Path(os.environ["FEDIT_CACHE"])
     else:
         root = Path.home() / ".cache" / "fedit"
-    root.mkdir(parents=True, exist_ok=True)
+    root = root.expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FeditError(f"cannot use the cache folder {root}: {e.strerror or e}"
+                         + (" (it is a file)" if root.exists() and not root.is_dir() else "") + ".",
+                         "pass --cache-dir (or set FEDIT_CACHE) to a folder you can write to.") from e
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise FeditError(f"the cache folder {root} is not writable.",
+                         "pass --cache-dir (or set FEDIT_CACHE) to a folder you can write to.")
     return root

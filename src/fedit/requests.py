@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -15,6 +16,9 @@ _EXAMPLE = ('{"prompt": "The mother tongue of {} is", "subject": "Danielle Darri
 # EasyEdit's form of the same request is accepted too (see :func:`is_easyedit`):
 # {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
 #  "target_new": "English", "ground_truth": "French", "rephrase_prompt": ..., "locality_prompt": ...}
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,15 @@ def load_requests(path: str | Path) -> list[EditRequest]:
     p = Path(path)
     if not p.exists():
         raise RequestError(f"requests file {p} does not exist.", "check the path given to --requests.")
-    text = p.read_text(encoding="utf-8")
+    if p.is_dir():
+        raise RequestError(f"requests file {p} is a folder.", "give the path of one JSON or JSONL file.")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(f"requests file {p} is not UTF-8 text.",
+                           "save it as UTF-8 JSON (a list of requests, or one object per line).") from None
+    except OSError as e:
+        raise RequestError(f"cannot read requests file {p}: {e.strerror or e}.", "check its permissions.") from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -191,10 +203,40 @@ def load_requests(path: str | Path) -> list[EditRequest]:
 
 
 def as_requests(items: Iterable[EditRequest | dict]) -> list[EditRequest]:
-    """Accept requests or plain dicts; raise on an empty list."""
+    """Accept requests or plain dicts; raise on an empty list (see :func:`check_batch` for
+    duplicates and conflicts)."""
     out = [r if isinstance(r, EditRequest) else EditRequest.from_dict(r, i) for i, r in enumerate(items)]
     if not out:
         raise RequestError("no edit requests were given.", "pass at least one request.")
+    return out
+
+
+def check_batch(requests: list[EditRequest]) -> list[EditRequest]:
+    """The requests of one batch, with exact duplicates merged (logged as a warning).
+
+    Refused: two different targets for the same subject and prompt (which should win is the
+    user's call), and a target equal to the request's own ``target_true`` (nothing to edit).
+    """
+    seen: dict[tuple[str, str], EditRequest] = {}
+    out, merged = [], 0
+    for r in requests:
+        where = f"request {r.case_id!r}" if r.case_id is not None else f"request for {r.subject!r}"
+        if r.target_true is not None and r.target_true.strip() == r.target_new.strip():
+            raise RequestError(f"{where}: target_new {r.target_new!r} equals target_true, the current answer; "
+                               "there is nothing to edit.", "give a new target that differs from target_true.")
+        key = (r.prompt, r.subject)
+        prev = seen.get(key)
+        if prev is None:
+            seen[key] = r
+            out.append(r)
+        elif prev.target_new.strip() == r.target_new.strip():
+            merged += 1
+        else:
+            raise RequestError(f"two targets for the same subject and prompt in one batch: {r.subject!r} in "
+                               f"{r.prompt!r} -> {prev.target_new!r} and {r.target_new!r}.",
+                               "keep only the target that should win, or edit them in separate sequential batches.")
+    if merged:
+        log.warning("%d duplicate request(s) in the batch were merged; %d distinct remain.", merged, len(out))
     return out
 
 

@@ -17,6 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from fedit.atomic import replace_with
+
 from fedit import progress as fedit_progress
 from fedit.core.moments import MomentSums, accumulate
 from fedit.corpus import Corpus, open_corpus
@@ -36,9 +38,23 @@ def stats_dir(lm, corpus: Corpus, cache_dir: str | os.PathLike | None = None) ->
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    replace_with(path, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                                             metadata=meta))
+
+
+def check_second_moment(C: torch.Tensor, d_in: int, path: Path) -> None:
+    """Refuse a loaded E[k kᵀ] that cannot be one: wrong shape [d_in, d_in], NaN/Inf, or a
+    diagonal that is negative somewhere or zero everywhere (a second moment is positive
+    semi-definite, so its diagonal is ≥ 0; an all-zero one would make every edit a no-op)."""
+    bad = None
+    if tuple(C.shape) != (d_in, d_in):
+        bad = f"has shape {tuple(C.shape)}, the layer needs ({d_in}, {d_in})"
+    elif not torch.isfinite(C).all():
+        bad = "holds NaN or Inf"
+    elif (C.diagonal() < 0).any() or not (C.diagonal() > 0).any():
+        bad = "is not a second moment (its diagonal is negative or all zero)"
+    if bad:
+        raise StatsError(f"the statistics file {path} {bad}.", "delete it; the next run recomputes it.")
 
 
 def second_moments(lm, layers: list[int], corpus: str | Path | Corpus | None = None, samples: int = 1000,
@@ -61,10 +77,12 @@ def second_moments(lm, layers: list[int], corpus: str | Path | Corpus | None = N
     for l, path in final.items():
         if path.exists():
             try:
-                out[l] = load_file(str(path))["mom2"].to(lm.device)
+                C = load_file(str(path))["mom2"]
             except (SafetensorError, KeyError, OSError) as e:
                 raise StatsError(f"the statistics file {path} is corrupt ({e}).",
                                  "delete it; the next run recomputes it.") from e
+            check_second_moment(C, lm.adapter.w_out_dims(l)[1], path)
+            out[l] = C.to(lm.device)
     missing = [l for l in final if l not in out]
     if not missing:
         return out

@@ -11,8 +11,9 @@ templates and the request itself, so it can be kept and reused:
 
 The key covers the weights as they are now (:func:`weights_digest`, not just the base model's
 fingerprint), so targets computed on an edited model, e.g. in a sequential run, are never
-confused with the unedited model's. One file per target, written atomically; a damaged file is
-reported, ignored and overwritten, and never stops a run.
+confused with the unedited model's. One file per target, written atomically; each entry carries
+its key and a sha256 of its contents, so a damaged, swapped or renamed file is reported, ignored
+and overwritten, and never stops a run or feeds a wrong target into an edit.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from pathlib import Path
 
 import torch
 
+from fedit.atomic import replace_with
 from fedit.errors import FeditError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: entries carry their key and a checksum
 _CHUNK = 1 << 22
 
 
@@ -90,6 +92,10 @@ class TargetCache:
             return None
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
+            if data.pop("key", None) != key:
+                raise ValueError("the entry belongs to another key (swapped or renamed file)")
+            if data.pop("checksum", None) != _checksum(data):
+                raise ValueError("checksum mismatch (the contents were changed)")
             names = {f.name for f in fields(TargetResult)}
             result = TargetResult(**{k: v for k, v in data.items() if k in names})
             if not torch.isfinite(result.z).all():
@@ -104,9 +110,21 @@ class TargetCache:
 
     def put(self, key: str, result) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = {k: v for k, v in asdict(result).items() if k != "from_cache"}
         data = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+        data.update(checksum=_checksum(data), key=key)
+        replace_with(path, lambda tmp: torch.save(data, tmp))
+
+
+def _checksum(data: dict) -> str:
+    """sha256 of an entry's fields: tensors by dtype, shape and bytes, other values as JSON."""
+    h = hashlib.sha256()
+    for k in sorted(data):
+        v = data[k]
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{k}:{t.dtype}:{tuple(v.shape)}:".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(f"{k}={json.dumps(v, sort_keys=True, default=str)};".encode())
+    return h.hexdigest()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from fedit.cli import common
 
@@ -12,7 +11,7 @@ def register(sub) -> None:
     file_command(sub, "apply", "apply a saved edit to a model", run,
                  file="a .safetensors edit written by `fedit edit --save`",
                  out="write the edited model to this folder (loadable with --model; default: memory only)",
-                 force="apply even if the base weights differ")
+                 force="apply even if the base weights differ or the delta is over 100 times its weight's norm")
 
 
 def file_command(sub, name: str, help: str, run, *, file: str, out: str, force: str) -> None:
@@ -27,12 +26,22 @@ def file_command(sub, name: str, help: str, run, *, file: str, out: str, force: 
 
 def save_model(lm, folder: str, base: dict) -> None:
     """Write ``lm`` to ``folder`` (weights, tokenizer and the identity of its base model)."""
+    from fedit.atomic import new_folder
     from fedit.models.loading import BASE_FILE
 
-    path = Path(folder)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    (path / BASE_FILE).write_text(json.dumps(base, indent=1))
+    with new_folder(folder) as path:  # complete or not at all: a full disk leaves no half folder
+        lm.model.save_pretrained(path)
+        lm.tokenizer.save_pretrained(path)
+        (path / BASE_FILE).write_text(json.dumps(base, indent=1))
+
+
+def check_out(folder: str | None) -> None:
+    """Refuse a bad ``--out`` folder before any work (a file, foreign files, not writable)."""
+    if folder:
+        from fedit.atomic import check_out_folder
+        from fedit.models.loading import BASE_FILE
+
+        check_out_folder(folder, BASE_FILE)
 
 
 def file_rows(wd) -> list[dict]:
@@ -56,10 +65,11 @@ def run(args) -> int:
 
     wd = load_edit(args.file)
     refuse_saving_memory(wd, args.out)
+    check_out(args.out)
     lm = common.load(args)
     rows = file_rows(wd)
     common.probe(lm, rows, "before")
-    wd.apply(lm.model, check_base=not args.force)
+    wd.apply(lm.model, check_base=not args.force, check_norm=not args.force)
     common.probe(lm, rows, "after")
     if args.out:
         save_model(lm, args.out, lm.identity())

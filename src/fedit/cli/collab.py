@@ -121,7 +121,7 @@ def run(args) -> int:
     lm = common.load(args)
     from fedit.core.tokens import validate_for_tokenizer
 
-    validate_for_tokenizer(lm.tokenizer, [r.request for recs in plan.values() for rr in recs for r in rr])
+    validate_for_tokenizer(lm.tokenizer, [r.request for recs in plan.values() for rr in recs for r in rr], lm.model)
     overrides = common.overrides_from(args, "memit")
     hp, sources = common.resolve_hparams(args, lm, "memit", form="base")
     prov = common.provenance(lm, method="memit", hparams=hp, sources=sources, data=data_file(args.data, args.dataset))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from typing import Any, Callable
@@ -210,7 +211,9 @@ def resources_from(args):
 def load(args):
     """The model of ``--model`` (default: the built-in one) with ``--device``/``--dtype``."""
     from fedit.models.loading import DEFAULT_MODEL, load_model
+    from fedit.paths import cache_root
 
+    cache_root(args.cache_dir)  # a cache folder that is a file or not writable: refused before loading
     return load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
                       device_map=getattr(args, "device_map", None))
 
@@ -224,12 +227,24 @@ def provenance(lm=None, **kw) -> dict:
 
 # --- output -------------------------------------------------------------------------------
 
+def strict_json(obj):
+    """``obj`` with every NaN/Inf float replaced by None, so that it prints as valid JSON
+    (``null``) rather than the bare ``NaN`` no JSON parser accepts."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def emit(args, obj: dict, text: str) -> None:
     """Print ``obj`` as one JSON line under ``--json`` (with at least fedit's version as
-    provenance), else ``text``."""
+    provenance; NaN/Inf as ``null``), else ``text``."""
     if args.json:
         obj = obj if "provenance" in obj else {**obj, "provenance": provenance()}
-        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.write(json.dumps(strict_json(obj), allow_nan=False) + "\n")
     else:
         sys.stdout.write(text.rstrip() + "\n")
 

@@ -28,17 +28,18 @@ def register(sub) -> None:
 
 
 def _requests(args):
-    from fedit.requests import EditRequest, load_requests
+    from fedit.requests import EditRequest, check_batch, load_requests
 
     if args.requests:
         if args.prompt or args.subject or args.target:
             raise FeditError("give either --requests FILE or --prompt/--subject/--target, not both.")
-        return load_requests(args.requests)
+        reqs = load_requests(args.requests)
+        return reqs if args.sequential else check_batch(reqs)
     missing = [f"--{n}" for n in ("prompt", "subject", "target") if getattr(args, n) is None]
     if missing:
         raise FeditError(f"missing {', '.join(missing)}.",
                          'e.g. fedit edit --prompt "{} is located in the city of" --subject "Eiffel Tower" --target Rome')
-    return [EditRequest.build(args.prompt, args.subject, args.target, args.target_true)]
+    return check_batch([EditRequest.build(args.prompt, args.subject, args.target, args.target_true)])
 
 
 def run(args) -> int:
@@ -50,7 +51,7 @@ def run(args) -> int:
     export_cli.check_edit_outputs(args)
     common.sets_from(args, args.method)  # refuse a bad --set before loading the model
     lm = common.load(args)
-    validate_for_tokenizer(lm.tokenizer, requests)
+    validate_for_tokenizer(lm.tokenizer, requests, lm.model)
     hp, sources = common.resolve_hparams(args, lm, args.method)
     rows = common.request_rows(requests)
     common.probe(lm, rows, "before")

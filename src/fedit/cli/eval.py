@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from fedit.cli import common
+from fedit.errors import FeditError
 
 
 def register(sub) -> None:
@@ -41,10 +42,17 @@ def run(args) -> int:
     from fedit.paths import cache_root
     from fedit.provenance import data_file
 
+    for flag, value in (("--n", args.n), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise FeditError(f"{flag} {value}: it must be a positive whole number.",
+                             f"give {flag} 1 or more, or leave it out (default: all).")
+    from fedit.atomic import check_writable_folder
+
+    check_writable_folder(args.out)  # the report's folder: a bad one fails now, not after the run
     records = load_records(args.dataset, args.data, args.n)
     common.sets_from(args, args.method)  # refuse a bad --set before loading the model
     lm = common.load(args)
-    validate_for_tokenizer(lm.tokenizer, [r.request for r in records])
+    validate_for_tokenizer(lm.tokenizer, [r.request for r in records], lm.model)
     hp, sources = common.resolve_hparams(args, lm, args.method)
     prov = common.provenance(lm, method=args.method, hparams=hp, sources=sources, data=data_file(args.data, args.dataset))
     cfg = EvalConfig(method=args.method, dataset=args.dataset, batch_size=args.batch_size,

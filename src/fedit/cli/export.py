@@ -46,6 +46,13 @@ def check_edit_outputs(args) -> None:
         from fedit.extras import require
 
         require("peft", "peft")
+    elif args.save:
+        from fedit.atomic import check_out_file
+
+        check_out_file(args.save)
+    from fedit.cli.apply import check_out
+
+    check_out(args.out)
 
 
 def save_edit(args, lm, make_deltas) -> dict:

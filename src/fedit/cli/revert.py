@@ -15,12 +15,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from fedit.cli.apply import file_provenance, file_rows, save_model
+    from fedit.cli.apply import check_out, file_provenance, file_rows, save_model
     from fedit.deltas import revert_file_edit
     from fedit.memory import load_edit, refuse_memory_revert
 
     wd = load_edit(args.file)
     refuse_memory_revert(wd)
+    check_out(args.out)
     lm = common.load(args)
     rows = file_rows(wd)
     common.probe(lm, rows, "before")

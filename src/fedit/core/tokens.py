@@ -104,9 +104,26 @@ def subject_batch(tok, templates: list[str], requests: list[EditRequest],
     return PromptBatch(ids, mask, torch.tensor(lookup), mask.sum(1))
 
 
-def validate_for_tokenizer(tok, requests: list[EditRequest]) -> None:
-    """Reject requests the tokenizer cannot place: raise before any weight changes."""
+# Tokens kept free for the context prefixes the methods put before a prompt.
+CONTEXT_RESERVE = 24
+
+
+def context_length(model) -> int | None:
+    """The longest input ``model`` takes (``max_position_embeddings``/``n_positions``), or None."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def validate_for_tokenizer(tok, requests: list[EditRequest], model=None) -> None:
+    """Reject requests the tokenizer cannot place, or (``model`` given) longer than the model's
+    context less :data:`CONTEXT_RESERVE`: raise before any weight changes."""
     special = set(getattr(tok, "all_special_ids", []) or [])
+    limit = context_length(model) if model is not None else None
     for req in requests:
         where = f"request {req.case_id!r}" if req.case_id is not None else f"request for {req.subject!r}"
         for name, ids in (("subject", encode(tok, req.subject, special=False)),
@@ -119,6 +136,11 @@ def validate_for_tokenizer(tok, requests: list[EditRequest]) -> None:
         if not 0 <= idx < len(ids):
             raise RequestError(f"{where}: cannot find the subject's last token in {text!r}.",
                                "check that the subject is spelled as it appears in the prompt.")
+        n = len(ids) + len(target_ids(tok, req.target_new))
+        if limit is not None and n > limit - CONTEXT_RESERVE:
+            raise RequestError(f"{where}: prompt and target are {n} tokens; the model takes at most {limit} "
+                               f"({CONTEXT_RESERVE} of them kept for context prefixes).",
+                               f"shorten the prompt or target to at most {limit - CONTEXT_RESERVE} tokens.")
 
 
 def span_tokens(tok, text: str, start: int, end: int) -> tuple[list[int], int, int]:

@@ -147,7 +147,7 @@ class BaseEditor:
             verbose: bool = True, test_generation: bool = False) -> tuple[list[dict], Any, Any]:
         """:meth:`edit` on prepared cases."""
         lm, reqs = self.lm, [c.request for c in cases]
-        validate_for_tokenizer(lm.tokenizer, reqs)
+        validate_for_tokenizer(lm.tokenizer, reqs, lm.model)
         units = self.units(len(cases), sequential)
         raw_pre = measure(lm, cases)
         metrics = [{"case_id": i, "requested_rewrite": c.record(), "time": 0.0, "pre": quality(raw_pre[i])}

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fedit.atomic import write_text
+
 CF_KEYS = [("efficacy_success", "ES"), ("paraphrase_success", "PS"), ("neighborhood_success", "NS"), ("score", "Score")]
 ZSRE_KEYS = [("efficacy_acc", "efficacy"), ("paraphrase_acc", "paraphrase"), ("specificity_acc", "specificity")]
 
@@ -197,7 +199,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
 def write(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(markdown(report))
+    write_text(out / "report.json", json.dumps(report, indent=1))
+    write_text(out / "report.md", markdown(report))
     chart(report, out / "chart.png")
     return {"json": str(out / "report.json"), "md": str(out / "report.md"), "chart": str(out / "chart.png")}

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fedit.atomic import write_text
+
 
 def _fmt(v) -> str:
     return "—" if v is None else (f"{100 * v:.1f}" if isinstance(v, float) and abs(v) <= 1.0 else f"{v:.2f}")
@@ -152,8 +154,8 @@ def write_files(report: dict[str, Any], out_dir: str | os.PathLike, to_markdown=
     """report.json, report.md and chart.png in ``out_dir`` (Markdown and chart makers given)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text((to_markdown or markdown)(report))
+    write_text(out / "report.json", json.dumps(report, indent=1))
+    write_text(out / "report.md", (to_markdown or markdown)(report))
     (to_chart or chart)(report, out / "chart.png")
     return {"json": str(out / "report.json"), "md": str(out / "report.md"), "chart": str(out / "chart.png")}
 

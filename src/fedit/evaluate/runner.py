@@ -307,7 +307,7 @@ def _edit_batch(lm, records: list[EvalRecord], cfg: EvalConfig, batch: list[int]
                 **edit_kw) -> WeightDeltas:
     """Compute (not apply) the edit of the records ``batch`` on the model as it is, batch
     ``number`` (from 1); adds its timings, state and diagnostics to ``run``."""
-    out = edit(lm, [records[i].request for i in batch], method=cfg.method, apply=False,
+    out = edit(lm, [records[i].request for i in batch], method=cfg.method, apply=False, check=False,
                state=run.state if cfg.sequential else None, **edit_kw).outcome
     run.state = out.state
     run.edit_seconds += out.seconds

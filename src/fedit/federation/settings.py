@@ -7,13 +7,17 @@ Flower passes settings as flat key/value pairs (``[tool.flwr.app.config]`` in py
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import logging
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from fedit.errors import FeditError
+
+log = logging.getLogger(__name__)
 
 
 class SettingsError(FeditError):
@@ -45,6 +49,10 @@ class RunSettings:
         for k, v in dict(cfg).items():
             name = k.replace("-", "_")
             if name not in known:
+                near = difflib.get_close_matches(name, list(known), n=1, cutoff=0.8)
+                if near:  # another app's key is fine; a near miss of ours is most likely a typo
+                    log.warning("run config key %r is not a fedit setting and is ignored; did you mean %r?",
+                                k, near[0].replace("_", "-"))
                 continue
             typ = known[name].type
             try:

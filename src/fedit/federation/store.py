@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -118,8 +119,10 @@ class MKVStore:
             self.path = str(p)
             _check_file(p)
             p.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(p)
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions below
+            conn = sqlite3.connect(self.path, isolation_level=None,  # explicit transactions below
+                                   timeout=LOCK_TIMEOUT)
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the MKV store {self.path}: {e}.",
                              "check the path and its permissions, or point to another path.") from e
@@ -325,6 +328,10 @@ class MKVStore:
         d = self._dim or 0
         if not rows:
             return [], torch.zeros(0, d)
+        for id_, vec in rows:
+            if not isinstance(vec, bytes) or len(vec) != 4 * d:
+                raise _damaged(id_, f"its vector holds {len(vec) if isinstance(vec, bytes) else 0} bytes, "
+                                    f"not {4 * d}")
         mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=_F32).reshape(len(rows), -1)
         return [r[0] for r in rows], torch.from_numpy(mat.astype(np.float32))
 
@@ -395,17 +402,27 @@ class MKVStore:
                           f"call register_client({client_id!r}) first.")
 
     def _transaction(self):
-        return _Transaction(self._db)
+        return _Transaction(self._db, self.path)
+
+
+# Seconds a writer waits for another process's write lock before giving up with a StoreError.
+LOCK_TIMEOUT = 5.0
 
 
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (the store stays as it was)."""
 
-    def __init__(self, conn: sqlite3.Connection):
+    def __init__(self, conn: sqlite3.Connection, path: str = ""):
         self.conn = conn
+        self.path = path
 
     def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise StoreError(f"the MKV store {self.path} is locked by another writer ({e}); nothing was written.",
+                             "let the other process finish (or stop it), then run again; or use another "
+                             "store file.") from e
         return self.conn
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -419,11 +436,21 @@ _COLS = "id, owner, slot, dim, created, vector, payload, meta"
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
+def _damaged(id_: Any, why: str) -> StoreError:
+    return StoreError(f"the MKV store holds a damaged record (id {id_}): {why}.",
+                      "the file was changed outside fedit; restore it from a copy, or start a new store.")
+
+
 def _row_to_mkv(row: tuple) -> MKV:
     id_, owner, slot, dim, created, vec, payload, meta = row
-    vector = torch.from_numpy(np.frombuffer(vec, dtype=_F32).astype(np.float32))  # [dim], own memory
-    return MKV(id=id_, owner=owner, slot=slot, dim=dim, created=created, vector=vector,
-               payload=dict(st_load(payload)) if payload else {}, meta=json.loads(meta))
+    try:
+        vector = torch.from_numpy(np.frombuffer(vec, dtype=_F32).astype(np.float32))  # [dim], own memory
+        if vector.numel() != dim or not torch.isfinite(vector).all():
+            raise ValueError(f"its vector has {vector.numel()} values (dim {dim}) or is not finite")
+        return MKV(id=id_, owner=owner, slot=slot, dim=dim, created=created, vector=vector,
+                   payload=dict(st_load(payload)) if payload else {}, meta=json.loads(meta))
+    except Exception as e:  # noqa: BLE001 - any damage in a stored record is named, never a raw traceback
+        raise _damaged(id_, f"{type(e).__name__}: {e}") from e
 
 
 def _where(slot: int | None = None, owner: str | None = None, exclude: str | None = None) -> tuple[str, list]:
@@ -454,6 +481,18 @@ def _check_file(p: Path) -> None:
             raise StoreError(f"{p} exists but is not an SQLite database (corrupt, or another kind of file).",
                              "move the file aside, or point the store to another path; fedit does not "
                              "overwrite it.")
+
+
+def _create_private(p: Path) -> None:
+    """Create a new store file readable by its owner only (0600); SQLite gives its WAL and
+    shared-memory files the same mode. An existing file keeps its mode."""
+    try:
+        os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StoreError(f"cannot create the MKV store {p}: {e}.",
+                         "check the folder's permissions and free space, or point to another path.") from e
 
 
 def _check_client_id(client_id: Any) -> None:

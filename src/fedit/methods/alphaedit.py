@@ -76,7 +76,7 @@ def compute_alphaedit(lm, requests: list[EditRequest], hp: AlphaEditHparams, res
     place; it is not modified in place. ``zs`` [n, d_model] may supply precomputed targets.
     """
     t0 = time.perf_counter()
-    validate_for_tokenizer(lm.tokenizer, requests)
+    validate_for_tokenizer(lm.tokenizer, requests, lm.model)
     layers, L = hp.layers, hp.layers[-1]
     if state is not None:
         state.check(lm, layers)

@@ -78,7 +78,7 @@ def compute_ftm(lm, requests: list[EditRequest], hp: FtHparams, resources: Resou
 def fine_tune(lm, requests: list[EditRequest], hp: FtHparams, method: str) -> EditOutcome:
     """Fine-tune ``W_out`` of ``hp.layers`` on the requests; returns the weight change, model restored."""
     t0 = time.perf_counter()
-    validate_for_tokenizer(lm.tokenizer, requests)
+    validate_for_tokenizer(lm.tokenizer, requests, lm.model)
     ad = lm.adapter
     params = {ad.w_out_param_name(l): ad.w_out(l).weight for l in hp.layers}
     originals = {n: p.detach().clone() for n, p in params.items()}

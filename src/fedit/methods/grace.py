@@ -178,7 +178,7 @@ def compute_grace(lm, requests: list[EditRequest], hp: GraceHparams, resources: 
                   state: GraceState | None = None) -> EditOutcome:
     """Write the requests, one after another, into the codebook (``state``'s, or a new one)."""
     t0 = time.perf_counter()
-    validate_for_tokenizer(lm.tokenizer, requests)
+    validate_for_tokenizer(lm.tokenizer, requests, lm.model)
     (layer,) = hp.layers
     state = state or _empty(lm, layer)
     if set(state.keys) != {layer}:

@@ -159,12 +159,13 @@ def parse_sets(cls: type, items: list[str] | None) -> dict[str, Any]:
 
 def _read_file(file: str | Path) -> dict[str, Any]:
     try:
-        values = json.loads(Path(file).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        values = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HparamsError(f"cannot read hyperparameters from {file}: {e}.",
                            "give a JSON object of hyperparameters.") from e
     if not isinstance(values, dict):
-        raise HparamsError(f"{file} holds no JSON object.", "give a JSON object of hyperparameters.")
+        raise HparamsError(f"{file} holds a JSON {type(values).__name__}, not an object.",
+                           'give a JSON object of hyperparameters, e.g. {"layers": [4]}.')
     return values
 
 

@@ -188,7 +188,7 @@ def compute_memit(lm, requests: list[EditRequest], hp: MemitHparams, res: Resour
     if hp.form == "base":
         return compute_memit_base(lm, requests, hp, res, zs)
     t0 = time.perf_counter()
-    validate_for_tokenizer(lm.tokenizer, requests)
+    validate_for_tokenizer(lm.tokenizer, requests, lm.model)
     layers, L = hp.layers, hp.layers[-1]
     groups = res.templates(lm, hp.context_template_length_params)
     targets, t_target = [], 0.0

@@ -74,7 +74,7 @@ def compute_pmet(lm, requests: list[EditRequest], hp: PmetHparams, res: Resource
     after each one.
     """
     t0 = time.perf_counter()
-    validate_for_tokenizer(lm.tokenizer, requests)
+    validate_for_tokenizer(lm.tokenizer, requests, lm.model)
     layers, L = hp.layers, hp.layers[-1]
     groups = res.templates(lm, hp.context_template_length_params)
     targets, t_target = [], 0.0

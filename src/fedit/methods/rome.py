@@ -58,7 +58,7 @@ def compute_rome(lm, requests: list[EditRequest], hp: RomeHparams, res: Resource
     The model is the same at the end as at the start; apply ``outcome.deltas`` to keep the edit.
     """
     t0 = time.perf_counter()
-    validate_for_tokenizer(lm.tokenizer, requests)
+    validate_for_tokenizer(lm.tokenizer, requests, lm.model)
     ad, layer = lm.adapter, hp.layers[0]
     groups = res.templates(lm, hp.context_template_length_params)
     templates = flat(groups)

@@ -158,7 +158,7 @@ def compute_vectors(lm, requests: list[EditRequest], hp, res, zs: torch.Tensor |
 
     Returns (vectors, per-request target reports, seconds spent optimising targets).
     """
-    validate_for_tokenizer(lm.tokenizer, requests)
+    validate_for_tokenizer(lm.tokenizer, requests, lm.model)
     groups = res.templates(lm, hp.context_template_length_params)
     reports, t_target = [], 0.0
     if zs is None:

@@ -206,7 +206,7 @@ def compute_wise(lm, requests: list[EditRequest], hp: WiseHparams, resources: Re
                  state: WiseState | None = None) -> EditOutcome:
     """Write the requests, one after another, into the side memory (``state``'s, or a new one)."""
     t0 = time.perf_counter()
-    validate_for_tokenizer(lm.tokenizer, requests)
+    validate_for_tokenizer(lm.tokenizer, requests, lm.model)
     st = state or _empty(lm, hp)
     if st.layer != hp.layers[0]:
         raise FeditError(f"the WISE memory carried over is at layer {st.layer}, these hyperparameters edit layer "

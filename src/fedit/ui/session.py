@@ -92,7 +92,7 @@ class Session:
         target_true = (fact.get("target_true") or "").strip() or None
         req = EditRequest.build(str(fact.get("prompt") or "").strip(), str(fact.get("subject") or "").strip(),
                                 str(fact.get("target_new") or "").strip(), target_true)
-        validate_for_tokenizer(self.lm.tokenizer, [req])
+        validate_for_tokenizer(self.lm.tokenizer, [req], self.lm.model)
         return ProbeSet(req, _lines(fact.get("paraphrases")), _lines(fact.get("neighbours")))
 
     def overrides_for(self, method: str, page: dict | None) -> dict:

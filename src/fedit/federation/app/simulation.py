@@ -31,14 +31,14 @@ def run_federation(settings: FedSettings) -> dict[str, Any]:
     from fedit.federation.app.server_app import make_server_app
 
     out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("federation.json", "federation.error.json"):
-        (out / name).unlink(missing_ok=True)
-    if settings.store_path.exists():
+    if settings.store_path.exists():  # refuse before touching anything an earlier run left
         raise FedError(f"the MKV store {settings.store_path} already exists (from an earlier run).",
                        "pass a new --out folder, or --store with a new file, or delete the old store.")
     for i in range(settings.clients):  # refuse bad data before the engine starts
         client_records(settings, i, settings.clients)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("federation.json", "federation.error.json"):
+        (out / name).unlink(missing_ok=True)
     err = out / "federation.error.json"
     try:
         run_simulation(server_app=make_server_app(settings), client_app=make_client_app(settings),
