@@ -112,6 +112,9 @@ def test_save_load_round_trip(serac_dir, lm, tmp_path):
     with back.bind(lm.tokenizer).with_originals(lm.model).applied(lm.model):
         got = _logits(lm, recs[1].paraphrases[0])
     assert torch.equal(want, got)
+    from fedit.memory import load_edit
+
+    assert isinstance(load_edit(path), SeracEdit)  # what fedit apply/revert open a file with
 
 
 def test_eval_serac_end_to_end(serac_dir, tiny_model_dir, tmp_path, capsys):

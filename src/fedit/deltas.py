@@ -25,6 +25,31 @@ from safetensors.torch import save_file
 from fedit.errors import DeltaFileError
 
 FORMAT = "fedit-deltas/1"
+READ_FIX = "use a file written by `fedit edit --save`; recompute the edit if it was damaged."
+
+
+def write_edit_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+    """Write an edit file (safetensors: ``tensors`` plus string ``meta`` and its creation time)
+    atomically: a failed write leaves any earlier file as it was. Every kind of edit saves so."""
+    from fedit.atomic import replace_with
+
+    meta = {**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return replace_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def read_edit_file(path: str | os.PathLike, fix: str = READ_FIX) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of an edit file; a missing or unreadable file is a DeltaFileError
+    (``fix`` says what to do about a damaged one)."""
+    path = Path(path)
+    if not path.exists():
+        raise DeltaFileError(f"edit file {path} does not exist.", "check the path.")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DeltaFileError(f"{path} is not a readable safetensors file ({e}).", fix) from e
+    return meta, tensors
 
 
 @dataclass
@@ -118,25 +143,13 @@ class WeightDeltas:
         if self.originals is not None:
             tensors.update({f"orig/{n}": o.detach().cpu().contiguous() for n, o in self.originals.items()})
         meta = {"format": FORMAT, "method": self.method, "model": json.dumps(self.model),
-                "requests": json.dumps(self.requests), "hparams": json.dumps(self.hparams),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        from fedit.atomic import replace_with
-
-        return replace_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+                "requests": json.dumps(self.requests), "hparams": json.dumps(self.hparams)}
+        return write_edit_file(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "WeightDeltas":
         path = Path(path)
-        if not path.exists():
-            raise DeltaFileError(f"edit file {path} does not exist.", "check the path.")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                names = list(f.keys())
-                tensors = {k: f.get_tensor(k) for k in names}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise DeltaFileError(f"{path} is not a readable safetensors file ({e}).",
-                                 "use a file written by `fedit edit --save`; recompute the edit if it was damaged.") from e
+        meta, tensors = read_edit_file(path)
         if meta.get("format") != FORMAT:
             raise DeltaFileError(f"{path} is not a fedit edit file (format {meta.get('format')!r}).",
                                  "use a file written by `fedit edit --save`.")

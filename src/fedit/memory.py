@@ -30,7 +30,6 @@ import dataclasses
 import importlib
 import json
 import os
-import time
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,9 +38,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from fedit.deltas import read_edit_file, write_edit_file
 from fedit.errors import DeltaFileError
 
 FORMAT = "fedit-memory/1"
@@ -149,17 +148,12 @@ class MemoryEdit:
         tensors = {f"mem/{k}": v.detach().cpu().contiguous() for k, v in self.tensors.items()}
         meta = {"format": FORMAT, "kind": self.kind, "sites": json.dumps(self.sites),
                 "config": json.dumps(self.config), "method": self.method, "model": json.dumps(self.model),
-                "requests": json.dumps(self.requests), "hparams": json.dumps(self.hparams),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+                "requests": json.dumps(self.requests), "hparams": json.dumps(self.hparams)}
+        return write_edit_file(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MemoryEdit":
-        meta, tensors = _read(path)
+        meta, tensors = read_edit_file(path)
         if meta.get("format") != FORMAT:
             raise DeltaFileError(f"{path} is not a fedit memory edit (format {meta.get('format')!r}).",
                                  "open it with fedit.load_edit, which reads every kind of edit file.")
@@ -203,20 +197,6 @@ class AppliedMemory:
         self.reverted = True
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    path = Path(path)
-    if not path.exists():
-        raise DeltaFileError(f"edit file {path} does not exist.", "check the path.")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DeltaFileError(f"{path} is not a readable safetensors file ({e}).",
-                             "use a file written by `fedit edit --save`; recompute the edit if it was damaged.") from e
-    return meta, tensors
-
-
 def edit_format(path: str | os.PathLike) -> str | None:
     """The ``format`` recorded in an edit file's metadata (None when it has none)."""
     path = Path(path)
@@ -231,14 +211,19 @@ def edit_format(path: str | os.PathLike) -> str | None:
 
 
 def load_edit(path: str | os.PathLike):
-    """Open a saved edit of either kind: :class:`~fedit.deltas.WeightDeltas` or :class:`MemoryEdit`."""
+    """Open a saved edit of any kind: :class:`~fedit.deltas.WeightDeltas`, :class:`MemoryEdit` or a
+    SERAC edit (:class:`~fedit.methods.serac_artifact.SeracEdit`)."""
     from fedit.deltas import FORMAT as DELTAS_FORMAT, WeightDeltas
+
+    from fedit.methods.serac_artifact import FORMAT as SERAC_FORMAT, SeracEdit
 
     fmt = edit_format(path)
     if fmt == FORMAT:
         return MemoryEdit.load(path)
     if fmt == DELTAS_FORMAT:
         return WeightDeltas.load(path)
+    if fmt == SERAC_FORMAT:
+        return SeracEdit.load(path)
     raise DeltaFileError(f"{path} is not a fedit edit file (format {fmt!r}).", "use a file written by `fedit edit --save`.")
 
 

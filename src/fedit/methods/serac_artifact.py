@@ -23,17 +23,15 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from fedit.core.tokens import encode
+from fedit.deltas import read_edit_file, write_edit_file
 from fedit.errors import DeltaFileError, FeditError
 from fedit.methods.scope import ScopeClassifier, embed
 from fedit.requests import EditRequest
@@ -91,27 +89,14 @@ class SeracEdit:
         """safetensors: the classifier's tensors; metadata: requests, hparams, model identity."""
         path = Path(path)
         meta = {"format": FORMAT, "method": self.method, "model": json.dumps(self.model),
-                "requests": json.dumps(self.requests), "hparams": json.dumps(self.hparams),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({f"classifier/{k}": v.detach().cpu().contiguous() for k, v in self.classifier.items()},
-                  str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+                "requests": json.dumps(self.requests), "hparams": json.dumps(self.hparams)}
+        tensors = {f"classifier/{k}": v.detach().cpu().contiguous() for k, v in self.classifier.items()}
+        return write_edit_file(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SeracEdit":
         path = Path(path)
-        if not path.exists():
-            raise DeltaFileError(f"edit file {path} does not exist.", "check the path.")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise DeltaFileError(f"{path} is not a readable safetensors file ({e}).",
-                                 "use a file written by SeracEdit.save (fedit edit --method serac --save).") from e
+        meta, tensors = read_edit_file(path, "use a file written by SeracEdit.save (fedit edit --method serac --save).")
         if meta.get("format") != FORMAT:
             raise DeltaFileError(f"{path} is not a SERAC edit file (format {meta.get('format')!r}).",
                                  "use a file written by SeracEdit.save.")
