@@ -14,7 +14,7 @@ forward pass, the upper blocks' forward, the vocabulary projection with its log-
 term, the backward pass, and the operators that took the most time.
 
     python benchmarks/bench_targets.py --n 8 --threads 1
-    python benchmarks/bench_targets.py --method pmet --n 8 --json
+    python benchmarks/bench_targets.py --n 8 --threads 1 --nll-stop 0.5 --profile-n 0
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=1, help="runs of each loop, alternating (fastest counts)")
     ap.add_argument("--profile-n", type=int, default=2, help="requests in the profiled batch (0: no profile)")
+    ap.add_argument("--nll-stop", type=float, default=None, help="override the method's nll_stop (to see the lever)")
+    ap.add_argument("--steps", type=int, default=None, help="override the method's step limit")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     hp = hparams_for(args.method, lm)
     templates = flat(Resources().templates(lm, hp.context_template_length_params))
     base = hp.target_config()
+    base = dataclasses.replace(base, nll_stop=base.nll_stop if args.nll_stop is None else args.nll_stop,
+                               steps=args.steps or base.steps)
     batch = args.batch or getattr(hp, "v_batch_size", 1)
     cfgs = {"old": dataclasses.replace(base, drop_stopped=False), "new": dataclasses.replace(base, drop_stopped=True)}
     compute_targets(lm, reqs[:1], templates, dataclasses.replace(base, steps=1))  # warm-up
