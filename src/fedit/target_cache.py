@@ -72,7 +72,8 @@ class TargetCache:
 
     def keys(self, lm, requests, templates: list[str], cfg) -> list[str]:
         base = json.dumps({"format": FORMAT, "model": lm.identity()["fingerprint"],
-                           "weights": weights_digest(lm.model), "config": asdict(cfg),
+                           "weights": weights_digest(lm.model),
+                           "config": {k: v for k, v in asdict(cfg).items() if k != "drop_stopped"},  # speed only
                            "templates": list(templates)}, sort_keys=True)
         out = []
         for r in requests:

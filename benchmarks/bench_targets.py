@@ -1,0 +1,135 @@
+"""Target optimisation with and without dropping stopped targets from the batch, same process.
+
+A measuring script, not a test: it prints figures and asserts nothing about time. It loads the
+default model (Gemma 3 270M, offline), takes ``--n`` CounterFact requests (the sample shipped
+with fedit unless ``--data`` names a file) and optimises their targets with the method's
+shipped configuration twice: today's loop, which runs the whole batch until its slowest
+request stops or the step limit (``drop_stopped=False``), and the loop in which a request that
+reached ``nll_stop`` leaves the batch (``drop_stopped=True``, the default). ``--repeats``
+alternates the two (old, new, new, old, ...) and keeps each one's fastest run. Reported:
+seconds per request for each and their ratio (printed to stderr as soon as known), each target's steps, final NLL and target
+probability exp(−NLL) under both (quality check), the largest |z_new − z_old| / |z_old|, and a
+stage profile of one more batch (``--profile-n`` requests, torch.profiler): the first full
+forward pass, the upper blocks' forward, the vocabulary projection with its log-softmax, the KL
+term, the backward pass, and the operators that took the most time.
+
+    python benchmarks/bench_targets.py --n 8 --threads 1
+    python benchmarks/bench_targets.py --n 8 --threads 1 --nll-stop 0.5 --profile-n 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+STAGES = ["targets.first_forward", "targets.upper_forward", "targets.projection", "targets.kl", "targets.backward"]
+
+
+def _profile(run) -> dict:
+    """Run ``run()`` under torch.profiler; seconds per labelled stage and the top operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    total = time.perf_counter() - t0
+    ev = prof.key_averages()
+    stages = {e.key: e.cpu_time_total / 1e6 for e in ev if e.key in STAGES}
+    ops = sorted((e for e in ev if not e.key.startswith("targets.")), key=lambda e: -e.self_cpu_time_total)[:10]
+    return {"total_s": round(total, 2), "stages_s": {k: round(stages.get(k, 0.0), 2) for k in STAGES},
+            "top_ops_self_s": {e.key: round(e.self_cpu_time_total / 1e6, 2) for e in ops}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", default="memit", choices=["memit", "rome", "pmet", "alphaedit"])
+    ap.add_argument("--n", type=int, default=8, help="requests (default 8)")
+    ap.add_argument("--batch", type=int, default=None, help="target batch size (default: the method's v_batch_size)")
+    ap.add_argument("--data", default=None, help="CounterFact file (default: the sample shipped with fedit)")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each loop, alternating (fastest counts)")
+    ap.add_argument("--profile-n", type=int, default=2, help="requests in the profiled batch (0: no profile)")
+    ap.add_argument("--nll-stop", type=float, default=None, help="override the method's nll_stop (to see the lever)")
+    ap.add_argument("--steps", type=int, default=None, help="override the method's step limit")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import fedit
+    from fedit.core.targets import compute_targets
+    from fedit.core.templates import flat
+    from fedit.data.loaders import load_records
+    from fedit.methods import Resources, hparams_for
+
+    lm = fedit.load_model(args.model or fedit.DEFAULT_MODEL, device=args.device)
+    reqs = [r.request for r in load_records("counterfact", args.data, n=args.n)]
+    hp = hparams_for(args.method, lm)
+    templates = flat(Resources().templates(lm, hp.context_template_length_params))
+    base = hp.target_config()
+    base = dataclasses.replace(base, nll_stop=base.nll_stop if args.nll_stop is None else args.nll_stop,
+                               steps=args.steps or base.steps)
+    batch = args.batch or getattr(hp, "v_batch_size", 1)
+    cfgs = {"old": dataclasses.replace(base, drop_stopped=False), "new": dataclasses.replace(base, drop_stopped=True)}
+    compute_targets(lm, reqs[:1], templates, dataclasses.replace(base, steps=1))  # warm-up
+    order = [("old", "new") if i % 2 == 0 else ("new", "old") for i in range(args.repeats)]
+    results, seconds = {}, {"old": math.inf, "new": math.inf}
+    for pair in order:
+        for name in pair:
+            t0 = time.perf_counter()
+            results[name] = compute_targets(lm, reqs, templates, cfgs[name], batch_size=batch)
+            seconds[name] = min(seconds[name], time.perf_counter() - t0)
+    old, new = results["old"], results["new"]
+    z_rel = max(float((b.z - a.z).norm() / a.z.norm()) for a, b in zip(old, new))
+    per_target = [{"case_id": q.case_id, "steps": a.steps, "nll_old": round(a.nll_end, 4), "nll_new": round(b.nll_end, 4),
+                   "p_old": round(math.exp(-a.nll_end), 4), "p_new": round(math.exp(-b.nll_end), 4)}
+                  for q, a, b in zip(reqs, old, new)]
+    out = {
+        "method": args.method, "model": lm.name, "device": str(lm.device), "n": len(reqs), "batch": batch,
+        "steps_limit": base.steps, "nll_stop": base.nll_stop, "templates": len(templates),
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        "python": platform.python_version(), "repeats": args.repeats, "load_average": list(os.getloadavg()),
+        "seconds_per_request": {k: round(v / len(reqs), 3) for k, v in seconds.items()},
+        "speedup": round(seconds["old"] / seconds["new"], 3),
+        "mean_steps": round(sum(r.steps for r in new) / len(new), 2),
+        "mean_nll_end": {k: round(sum(r.nll_end for r in v) / len(v), 4) for k, v in results.items()},
+        "z_relative_distance_max": z_rel, "per_target": per_target,
+    }
+    lines = [f"target optimisation, {args.method} config ({len(templates)} templates, {base.steps} steps, "
+             f"nll_stop {base.nll_stop}), {len(reqs)} requests in batches of {batch} on {lm.name} "
+             f"({out['device']}, {out['threads']} threads, load {out['load_average'][0]:.2f}):"]
+    lines += [f"  {k} ({'drop_stopped=' + str(cfgs[k].drop_stopped)}): {out['seconds_per_request'][k]:7.2f} s/request, "
+              f"mean NLL after {out['mean_nll_end'][k]:.3f}" for k in ("old", "new")]
+    lines.append(f"  speed-up {out['speedup']:.2f}x; mean steps {out['mean_steps']}; "
+                 f"max |z_new - z_old| / |z_old| = {z_rel:.1e}")
+    lines.append("  case_id  steps  NLL old  NLL new  p old   p new")
+    lines += [f"  {t['case_id']!s:>7}  {t['steps']:5d}  {t['nll_old']:7.4f}  {t['nll_new']:7.4f}  {t['p_old']:.4f}  "
+              f"{t['p_new']:.4f}" for t in per_target]
+    sys.stderr.write("\n".join(lines) + "\n")  # the timing now: a profile that is cut short loses nothing
+    sys.stderr.flush()
+    out["profile"] = {}
+    for name in ("old", "new") if args.profile_n else ():
+        few = reqs[:args.profile_n]
+        p = out["profile"][name] = _profile(lambda c=cfgs[name]: compute_targets(lm, few, templates, c, batch_size=batch))
+        sys.stderr.write(f"  profile, {name} loop, {args.profile_n} requests: {p['total_s']} s in all (under the profiler)\n"
+                         "    stages (s, inclusive): " + ", ".join(f"{k.split('.')[1]} {v}" for k, v in p["stages_s"].items())
+                         + "\n    top operators (self s): " + ", ".join(f"{k} {v}" for k, v in p["top_ops_self_s"].items())
+                         + "\n")
+        sys.stderr.flush()
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
