@@ -66,7 +66,7 @@ def null_space_projector(C: torch.Tensor, threshold: float = 2e-2) -> tuple[torc
 
 def alphaedit_delta(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, alpha: float,
                     KK_prev: torch.Tensor | None = None) -> torch.Tensor:
-    """AlphaEdit's projected update [d_out, d_in] (DESIGN §3.6), in float64:
+    """AlphaEdit's projected update [d_out, d_in] (docs/methods.md), in float64:
 
         Δᵀ = solve(P (KᵀK + K_p K_pᵀ) + α I, P Kᵀ R)
 

@@ -1,4 +1,4 @@
-"""Causal tracing: where in the network does the model recall a fact (DESIGN §3.9)?
+"""Causal tracing: where in the network does the model recall a fact (docs/tracing.md)?
 
 One clean run of the prompt; ``samples`` corrupted runs in which Gaussian noise is added to
 the subject tokens at the output of the embedding module (what the blocks consume; Gemma

@@ -1,4 +1,4 @@
-"""Edit a model on dataset records and measure it before and after (DESIGN §4).
+"""Edit a model on dataset records and measure it before and after; see docs/evaluation.md.
 
 Pre-edit numbers always come from the unedited model. Without ``sequential``, each batch is
 applied, its records measured, and the batch reverted (the papers' protocol: ROME one fact at

@@ -1,4 +1,4 @@
-"""AlphaEdit: MEMIT's update projected onto the null space of preserved knowledge (DESIGN §3.6).
+"""AlphaEdit: MEMIT's update projected onto the null space of preserved knowledge (docs/methods.md).
 
 AlphaEdit (Fang et al., ICLR 2025) projects each layer's update onto P = Û Ûᵀ, Û the
 eigenvectors of the keys' second moment C with eigenvalues below a threshold (2e-2 in the

@@ -1,4 +1,4 @@
-"""MEMIT: many facts, spread over several layers (DESIGN §3.4)."""
+"""MEMIT: many facts, spread over several layers (docs/methods.md)."""
 
 from __future__ import annotations
 

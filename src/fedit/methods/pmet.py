@@ -1,4 +1,4 @@
-"""PMET: attention and MLP targets optimised together, only the MLP written (DESIGN §3.5).
+"""PMET: attention and MLP targets optimised together, only the MLP written (docs/methods.md).
 
 PMET (Li et al., AAAI 2024) holds that the hidden state at layer L mixes what attention and
 the MLP contribute, and that only the MLP's part should go into W_out. It optimises two

@@ -1,4 +1,4 @@
-"""ROME: one fact, one layer, a rank-one update (DESIGN §3.3)."""
+"""ROME: one fact, one layer, a rank-one update (docs/methods.md)."""
 
 from __future__ import annotations
 
