@@ -15,15 +15,29 @@ def tiny_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random GPT-2 saved as a model folder (loadable with --model), shared by the session."""
+def tiny_model_folder(tmp_path_factory):
+    """``folder(kind)``: a tiny random model of ``kind`` saved as a model folder (loadable with
+    --model), made once per kind and shared by the session."""
     from fedit.testing import tiny_model
 
-    d = tmp_path_factory.mktemp("tiny-gpt2")
-    lm = tiny_model("gpt2")
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
+    made = {}
+
+    def folder(kind: str):
+        if kind not in made:
+            d = tmp_path_factory.mktemp(f"tiny-{kind}")
+            lm = tiny_model(kind)
+            lm.model.save_pretrained(d)
+            lm.tokenizer.save_pretrained(d)
+            made[kind] = d
+        return made[kind]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_folder):
+    """A tiny random GPT-2 saved as a model folder (loadable with --model), shared by the session."""
+    return tiny_model_folder("gpt2")
 
 
 @pytest.fixture

@@ -9,18 +9,13 @@ from fedit import WeightDeltas, edit, load_model, revert_file_edit
 from fedit.cli.main import main
 from fedit.core.probe import continuation_logprob
 from fedit.errors import FeditError
-from fedit.testing import tiny_model
 
 from helpers import CORPUS, EIFFEL, FAST, resources, run_json
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
+def llama_dir(tiny_model_folder):
+    return tiny_model_folder("llama")
 
 
 @pytest.mark.parametrize("method", ["rome", "memit"])
