@@ -185,6 +185,10 @@ def test_memory_edit_refused_by_saved_model_commands(tmp_path, tiny_model_dir, c
     assert "nothing to revert" in capsys.readouterr().out
     assert main(["apply", str(f), "--model", str(tiny_model_dir), "--out", str(tmp_path / "m"), "--json"]) == 2
     assert "saved model folder" in capsys.readouterr().out
+    # without --out it applies in memory and says how to keep it: the edit file, not --out
+    assert main(["apply", str(f), "--model", str(tiny_model_dir), "-q"]) == 0
+    said = capsys.readouterr().out
+    assert "keep the edit file" in said and "pass --out" not in said
 
 
 def test_cli_eval_grace_sequential(tmp_path, tiny_model_dir, capsys):

@@ -76,5 +76,17 @@ def run(args) -> int:
     out = {"file": args.file, "model": lm.name, "method": wd.method, "out": args.out,
            "requests": common.rows_json(rows), "provenance": file_provenance(lm, wd, args.file)}
     common.emit(args, out, common.table(rows) + f"\n\napplied {args.file} ({wd.method}) to {lm.name}"
-                + (f"; edited model written to {args.out}" if args.out else " (in memory only; pass --out DIR to keep it)"))
+                + kept_where(wd, args.out))
     return 0
+
+
+def kept_where(edit, out: str | None) -> str:
+    """Where the applied edit lives now, and how to keep it (a memory edit has no model folder)."""
+    from fedit.memory import is_memory
+
+    if out:
+        return f"; edited model written to {out}"
+    if is_memory(edit):
+        return (" (in memory only: a memory edit lives in hooks, so keep the edit file and apply it"
+                " after loading the model)")
+    return " (in memory only; pass --out DIR to keep it)"
