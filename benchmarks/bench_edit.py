@@ -43,8 +43,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_500.json"
+DEFAULT_DATA = "the CounterFact sample shipped with fedit (300 records)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +131,7 @@ def load_requests(path: Path, n: int):
     if not path.is_file():
         sys.exit(f"error: the CounterFact file {path} does not exist.\n"
                  f"  pass --data PATH pointing at counterfact_500.json (a JSON list of CounterFact "
-                 f"records with 'requested_rewrite'); the default is {DEFAULT_DATA}.")
+                 f"records with 'requested_rewrite'); `fedit datasets` says where to get it.")
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -352,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gemma-3-270m", help="model name or folder (default: gemma-3-270m)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: CUDA if present, else CPU)")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"CounterFact JSON file (default: {DEFAULT_DATA})")
+    p.add_argument("--data", type=Path, default=None, help=f"CounterFact JSON file (default: {DEFAULT_DATA})")
     p.add_argument("--rome-n", type=int, default=3,
                    help="number of single-fact ROME edits to average (default 3; 0 skips ROME)")
     p.add_argument("--memit-sizes", type=parse_sizes, default=[10, 100],
@@ -387,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Distinct requests for every run: ROME, then each MEMIT batch, then the comparison.
     need = args.rome_n + sum(args.memit_sizes) + args.compare_n + 1
+    from fedit.data.loaders import sample_path
+
+    args.data = args.data or sample_path("counterfact")
     reqs = load_requests(args.data, need)
     warm_req, pos = reqs[0], 1
     rome_reqs, pos = reqs[pos:pos + args.rome_n], pos + args.rome_n

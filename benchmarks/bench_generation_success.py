@@ -13,41 +13,25 @@ how often it says the true answer of a neighbour unprompted).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_portability_gpt4.json"
+from _bench import load, parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="counterfact")
-    ap.add_argument("--data", default=str(DEFAULT_DATA))
-    ap.add_argument("--n", type=int, default=50)
+    ap = parser(__doc__, n=50)
     ap.add_argument("--extra", type=int, default=3)
     ap.add_argument("--neighbours", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
+    lm, records = load(args)
     import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import fedit
-    from fedit.data.loaders import load_records
     from fedit.evaluate.generation import generation_probes, measure_generation
     from fedit.evaluate.runner import _probes, aggregate, measure, record_metrics
 
-    lm = fedit.load_model(args.model or fedit.DEFAULT_MODEL, device=args.device)
-    records = load_records(args.dataset, args.data, n=args.n)
     measure(lm, records[:2])  # warm-up
     measure_generation(lm, records[:2], args.extra, args.neighbours)
     times: dict[str, list[float]] = {"teacher_forced": [], "greedy": []}

@@ -9,45 +9,29 @@ their ratio (medians over ``--repeats``), how many sequences each way runs, and 
 difference of a probe's NLL between the two (float noise only: the logits are the same).
 
     python benchmarks/bench_measure.py --n 50 --threads 2
-    python benchmarks/bench_measure.py --dataset zsre --data ../shared/data/zsre/zsre_mend_eval_portability_gpt4.json
+    python benchmarks/bench_measure.py --dataset zsre --data zsre_mend_eval_portability_gpt4.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_portability_gpt4.json"
+from _bench import load, parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="counterfact")
-    ap.add_argument("--data", default=str(DEFAULT_DATA))
-    ap.add_argument("--n", type=int, default=50)
+    ap = parser(__doc__, n=50)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
+    lm, records = load(args)
     import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import fedit
     from fedit.core.probe import encode_pairs, probe_inputs, shared_inputs
-    from fedit.data.loaders import load_records
     from fedit.evaluate.runner import _probes, measure
 
-    lm = fedit.load_model(args.model or fedit.DEFAULT_MODEL, device=args.device)
-    records = load_records(args.dataset, args.data, n=args.n)
     probes = [(p, a) for r in records for (_, p, a, _) in _probes(r)]
     runs, _ = shared_inputs(probe_inputs(encode_pairs(lm.tokenizer, [p for p, _ in probes], [a for _, a in probes])))
     measure(lm, records[:2])  # warm-up

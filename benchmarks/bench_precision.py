@@ -13,47 +13,29 @@ bfloat16 targets are from the float32 ones (relative distance of z, cosine of δ
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import platform
 import sys
 import time
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_500.json"
+from _bench import load, parser, target_setup
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, n=16, dataset=False)
     ap.add_argument("--method", default="memit", choices=["memit", "rome", "pmet", "alphaedit"])
-    ap.add_argument("--n", type=int, default=16, help="requests (default 16, one MEMIT target batch)")
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="CounterFact file (ROME/MEMIT format)")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--precision", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--order", default="low-first", choices=["low-first", "float32-first"])
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
+    lm, records = load(args)
     import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import fedit
     from fedit.core.targets import compute_targets
-    from fedit.core.templates import flat
-    from fedit.data.loaders import load_records
-    from fedit.methods import Resources, hparams_for
 
-    lm = fedit.load_model(args.model or fedit.DEFAULT_MODEL, device=args.device)
-    reqs = [r.request for r in load_records("counterfact", args.data, n=args.n)]
-    hp = hparams_for(args.method, lm)
-    templates = flat(Resources().templates(lm, hp.context_template_length_params))
-    base = hp.target_config()
+    reqs = [r.request for r in records]
+    hp, templates, base = target_setup(lm, args.method)
     batch = getattr(hp, "v_batch_size", 1)
     runs = {"float32": dataclasses.replace(base, autocast=None),
             args.precision: dataclasses.replace(base, autocast=args.precision)}

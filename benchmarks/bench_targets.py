@@ -19,7 +19,6 @@ term, the backward pass, and the operators that took the most time.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -27,6 +26,8 @@ import os
 import platform
 import sys
 import time
+
+from _bench import load, parser, target_setup
 
 STAGES = ["targets.first_forward", "targets.upper_forward", "targets.projection", "targets.kl", "targets.backward"]
 
@@ -47,36 +48,21 @@ def _profile(run) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, n=8, dataset=False)
     ap.add_argument("--method", default="memit", choices=["memit", "rome", "pmet", "alphaedit"])
-    ap.add_argument("--n", type=int, default=8, help="requests (default 8)")
     ap.add_argument("--batch", type=int, default=None, help="target batch size (default: the method's v_batch_size)")
-    ap.add_argument("--data", default=None, help="CounterFact file (default: the sample shipped with fedit)")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=1, help="runs of each loop, alternating (fastest counts)")
     ap.add_argument("--profile-n", type=int, default=2, help="requests in the profiled batch (0: no profile)")
     ap.add_argument("--nll-stop", type=float, default=None, help="override the method's nll_stop (to see the lever)")
     ap.add_argument("--steps", type=int, default=None, help="override the method's step limit")
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
+    lm, records = load(args)
     import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import fedit
     from fedit.core.targets import compute_targets
-    from fedit.core.templates import flat
-    from fedit.data.loaders import load_records
-    from fedit.methods import Resources, hparams_for
 
-    lm = fedit.load_model(args.model or fedit.DEFAULT_MODEL, device=args.device)
-    reqs = [r.request for r in load_records("counterfact", args.data, n=args.n)]
-    hp = hparams_for(args.method, lm)
-    templates = flat(Resources().templates(lm, hp.context_template_length_params))
-    base = hp.target_config()
+    reqs = [r.request for r in records]
+    hp, templates, base = target_setup(lm, args.method)
     base = dataclasses.replace(base, nll_stop=base.nll_stop if args.nll_stop is None else args.nll_stop,
                                steps=args.steps or base.steps)
     batch = args.batch or getattr(hp, "v_batch_size", 1)
