@@ -8,6 +8,7 @@ sequence as shell commands."""
 import datetime
 import ipaddress
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from cryptography.x509.oid import NameOID
 
 BIN = Path(sys.executable).parent
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedit"
-REFUSED_EXIT = 305  # flower-supernode's exit code when the SuperLink will not activate it (unregistered key)
+REFUSED_EXIT = 305  # Flower's exit code (in the SuperNode's log) when the SuperLink will not activate it
 
 
 def free_port() -> int:
@@ -33,46 +34,63 @@ def free_port() -> int:
 
 
 # --- credentials -----------------------------------------------------------------------------
-def _pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+# The commands of docs/federation.md ("TLS and node authentication"), run in the folder.
+OPENSSL = [
+    "openssl ecparam -genkey -name secp384r1 -out ca.key",
+    "openssl req -x509 -new -key ca.key -sha256 -days 365 -subj /CN=fedit-CA -out ca.crt",
+    "openssl ecparam -genkey -name secp384r1 -out server.key",
+    "openssl req -new -key server.key -subj /CN=localhost -out server.csr",
+    "openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 -sha256 "
+    "-extfile server.ext -out server.pem",
+]
+SERVER_EXT = "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
 
 
 def tls_files(folder: Path) -> dict[str, Path]:
     """A CA (``ca.crt``) and a server certificate it signed for 127.0.0.1 and localhost
-    (``server.pem``, key ``server.key``), valid for a day: what `openssl req`/`openssl x509` make
-    in docs/federation.md."""
+    (``server.pem``, key ``server.key``): with the openssl commands of docs/federation.md, or
+    their equivalent in ``cryptography`` where there is no openssl binary."""
     folder.mkdir(parents=True, exist_ok=True)
+    files = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
+    if shutil.which("openssl"):
+        (folder / "server.ext").write_text(SERVER_EXT)
+        for cmd in OPENSSL:
+            subprocess.run(cmd.split(), cwd=folder, check=True, capture_output=True)
+        return files
     now = datetime.datetime.now(datetime.timezone.utc)
 
     def cert(subject: str, key, issuer: x509.Name, signer, ca: bool, names=()):
         b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
              .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=365))
              .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
         if names:
             b = b.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
         return b.sign(signer, hashes.SHA256())
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedit test CA")])
-    ca = cert("fedit test CA", ca_key, ca_name, ca_key, ca=True)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedit-CA")])
+    ca = cert("fedit-CA", ca_key, ca_name, ca_key, ca=True)
     key = ec.generate_private_key(ec.SECP384R1())
     server = cert("localhost", key, ca_name, ca_key, ca=False,
                   names=(x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))))
-    files = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
     files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     files["cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    files["key"].write_bytes(_pem(key))
+    files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
     return files
 
 
 def node_keys(folder: Path, name: str) -> tuple[Path, Path]:
-    """A SuperNode's key pair (EC P-384, OpenSSH format, as `ssh-keygen -t ecdsa -b 384` makes):
-    (private key file, public key file)."""
+    """A SuperNode's key pair, EC P-384 in OpenSSH format: ``ssh-keygen -t ecdsa -b 384`` (or the
+    same made with ``cryptography``). Returns (private key file, public key file)."""
     folder.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
     priv, pub = folder / name, folder / f"{name}.pub"
+    if shutil.which("ssh-keygen"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(priv)], check=True,
+                       capture_output=True)
+        return priv, pub
+    key = ec.generate_private_key(ec.SECP384R1())
     priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                        serialization.NoEncryption()))
     priv.chmod(0o600)

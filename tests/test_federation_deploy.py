@@ -19,7 +19,8 @@ def test_superlink_and_supernodes_with_tls_and_node_authentication(tmp_path, tin
     with deployment(tmp_path, [f"partition-id={i} num-partitions=2" for i in range(2)]) as run:
         # a third organisation with a key pair the SuperLink was never given
         intruder = run.start_node("intruder", "partition-id=1 num-partitions=2")
-        assert intruder.wait(timeout=180) == REFUSED_EXIT
+        assert intruder.wait(timeout=180) != 0  # it gave up: refused, not retrying
+        assert f"Exit Code: {REFUSED_EXIT}" in run.log("intruder.log")
         assert "Failed to activate SuperNode" in run.log("intruder.log")
         assert "No SuperNode found with the given public key" in run.log("superlink.log")
         cfg = (f"model='{tmp_path / 'model'}' hparams-file='{tmp_path / 'hp.json'}' corpus='{CORPUS}' "
