@@ -10,7 +10,7 @@ from fedit.federation.settings import SettingsError
 
 
 def _run(missing):
-    return {"clients": ["a", "b", "c"], "mkvs_stored": 4, "missing": missing,
+    return {"settings": {"slots": 2, "clients": 3}, "clients": ["a", "b", "c"], "mkvs_stored": 4, "missing": missing,
             "slots": [{"slot": 0, "uploaded": {"a": 1, "b": 1, "c": 1}, "hits": {"a": [], "b": []},
                        "reuse": {"a": {"applied": 1}, "b": {"applied": 1}}, "missing": ["c"]},
                       {"slot": 1, "uploaded": {"a": 1, "b": 1}, "hits": {"a": [], "b": []},
@@ -20,11 +20,18 @@ def _run(missing):
 
 def test_resume_is_refused_without_a_run_or_with_nobody_missing(tmp_path):
     with pytest.raises(SettingsError, match="does not exist"):
-        previous_run(tmp_path)
+        previous_run(tmp_path, {"slots": 2, "clients": 3})
     (tmp_path / "federation.json").write_text(json.dumps(_run([])))
     with pytest.raises(SettingsError, match="no client .* is missing"):
-        previous_run(tmp_path)
+        previous_run(tmp_path, {"slots": 2, "clients": 3})
     assert json.loads((tmp_path / "federation.json").read_text()) == _run([])  # untouched
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    (tmp_path / "federation.json").write_text(json.dumps(_run([{"client": "c", "slot": 0, "step": "edit", "why": ""}])))
+    assert previous_run(tmp_path, {"slots": 2, "clients": 3, "evaluate": False})["clients"] == ["a", "b", "c"]
+    with pytest.raises(SettingsError, match="slots was 2, now 3"):
+        previous_run(tmp_path, {"slots": 3, "clients": 3})
 
 
 def test_merge_fills_in_the_late_client_and_marks_it_caught_up():

@@ -88,7 +88,10 @@ def ask_present(grid, nodes: list[int], message_type: str, contents: dict[int, R
     says so once the node missed its heartbeats) is absent, not a failure. A ClientApp that
     raised fails the run: ``fail(why)``, ``why`` naming the step and the client's message."""
     msgs = [Message(contents[n], dst_node_id=n, message_type=message_type, group_id=group) for n in nodes]
-    by_node = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs)}
+    replies = list(grid.send_and_receive(msgs))
+    # by the message each answers: the SuperLink, not the node, sends a node-unavailable reply
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs if m.metadata.message_id}
+    by_node = {sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): r for r in replies}
     absent = {n: "no reply" for n in nodes if n not in by_node}
     absent.update({n: short_reason(r.error.reason) for n, r in by_node.items() if r.has_error() and r.error.code in GONE})
     errors = sorted({short_reason(r.error.reason) for n, r in by_node.items() if r.has_error() and n not in absent})

@@ -20,8 +20,15 @@ from typing import Any
 from fedit.federation.settings import SettingsError
 
 
-def previous_run(out: Path) -> dict[str, Any]:
-    """The ``federation.json`` of the run to catch up on; refused when there is none or nobody is missing."""
+# The settings that make a run what it is: a catch-up must use the same (the others may differ:
+# evaluate, threads, caches, timeouts).
+SAME = ("model", "dataset", "data", "clients", "n-per-client", "slots", "partition", "seed", "method", "overrides",
+        "hparams-file", "mode", "share-requests", "tau", "match", "store")
+
+
+def previous_run(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The ``federation.json`` of the run to catch up on; refused when there is none, nobody is
+    missing, or ``settings`` (a user config) differ from its own in what defines the run."""
     f = Path(out) / "federation.json"
     if not f.is_file():
         raise SettingsError(f"resume=true but {f} does not exist: there is no finished run to catch up on.",
@@ -30,6 +37,12 @@ def previous_run(out: Path) -> dict[str, Any]:
     if not to_catch_up(previous):
         raise SettingsError(f"resume=true but no client of the run in {out} is missing.",
                             "nothing to do; run without resume to start a new run.")
+    differ = {k: (previous["settings"].get(k), settings.get(k)) for k in SAME
+              if previous["settings"].get(k) != settings.get(k)}
+    if differ:
+        raise SettingsError(f"resume=true with settings that differ from the run in {out}: "
+                            + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in differ.items()) + ".",
+                            "rerun with the earlier run's run config plus resume=true.")
     return previous
 
 

@@ -129,7 +129,7 @@ def _catch_up(grid: Grid, s: FedSettings) -> dict[str, Any]:
     """``resume=true``: the clients the run in ``s.out`` lists as missing redo their slots
     (``federation.resume``); the results are merged into its ``federation.json``."""
     t0 = time.perf_counter()
-    previous = resume.previous_run(Path(s.out))
+    previous = resume.previous_run(Path(s.out), s.to_user_config())
     wanted = resume.to_catch_up(previous)
     nodes, cid, _ = _setup(grid, s)
     back = [n for n in nodes if cid[n] in wanted]
