@@ -219,7 +219,7 @@ class Deployment:
     def __call__(self, app: Path, run_config: str) -> subprocess.CompletedProcess:
         """`flwr run` against this deployment; the finished process."""
         return subprocess.run([str(BIN / "flwr"), "run", str(app), "loopback", "--stream", "--run-config", run_config],
-                              env=self.env, capture_output=True, text=True, timeout=600)
+                              env=self.env, capture_output=True, text=True, timeout=1200)
 
     def stop(self) -> None:
         _stop(self.procs)

@@ -28,9 +28,9 @@ def test_fededit_client_killed_mid_slot_is_missing_and_catches_up(tmp_path, tiny
     with deployment(tmp_path, [nodes[0], nodes[1] + f" hold-at='query.reuse/0' hold-file='{held}'"]) as d:
         run = d.start_run(app, cfg + " evaluate=false")  # (one message less: the catch-up evaluates)
         # client-1 has edited and uploaded its slot-0 MKVs; killed while it was to reuse the others'
-        wait_for(held.exists, 400, "client-1 to be sent its hits")
+        wait_for(held.exists, 900, "client-1 to be sent its hits")
         d.kill_node(1)
-        log, _ = run.communicate(timeout=400)
+        log, _ = run.communicate(timeout=1200)
         assert run.returncode == 0, log
         assert not (out / "federation.error.json").exists(), (out / "federation.error.json").read_text()
         fed = json.loads((out / "federation.json").read_text())
@@ -72,9 +72,9 @@ def test_collabedit_client_killed_mid_round_is_missing_and_a_rerun_merges_its_fa
     with deployment(tmp_path, [nodes[0], nodes[1] + f" hold-at='query.prepare/0' hold-file='{held}'"]) as d:
         run = d.start_run(app, run_config(s))
         # c1 has sent its digests; killed while editing the facts the server let it keep
-        wait_for(held.exists, 400, "c1 to be asked to prepare round 1")
+        wait_for(held.exists, 900, "c1 to be asked to prepare round 1")
         d.kill_node(1)
-        log, _ = run.communicate(timeout=400)
+        log, _ = run.communicate(timeout=1200)
         assert run.returncode == 0, log
         assert not (tmp_path / "out" / "collab.error.json").exists(), (tmp_path / "out" / "collab.error.json").read_text()
         report = json.loads((tmp_path / "out" / "report.json").read_text())
