@@ -42,9 +42,12 @@ def _with_global(nodes: list[int], glob: dict[str, torch.Tensor], **values) -> d
     return out
 
 
-def _setup(grid: Grid, s: FedSettings) -> tuple[list[int], dict[int, str], dict[str, list]]:
-    """The client nodes, their client ids and the case ids each will edit."""
-    nodes = wait_for_nodes(grid, s.clients, s.node_timeout)
+def _setup(grid: Grid, s: FedSettings, at_least: int = 0) -> tuple[list[int], dict[int, str], dict[str, list]]:
+    """The client nodes, their client ids and the case ids each will edit. ``at_least`` > 0: every
+    node connected once that many are (a catch-up: the others' nodes may have gone)."""
+    nodes = wait_for_nodes(grid, at_least or s.clients, s.node_timeout)
+    if at_least:
+        nodes = sorted(grid.get_node_ids())
     setup = ask(grid, nodes, "query.setup", _each(nodes), "setup")
     cid = {n: str(setup[n]["config"]["client"]) for n in nodes}
     if len(set(cid.values())) != len(nodes):
@@ -131,7 +134,7 @@ def _catch_up(grid: Grid, s: FedSettings) -> dict[str, Any]:
     t0 = time.perf_counter()
     previous = resume.previous_run(Path(s.out), s.to_user_config())
     wanted = resume.to_catch_up(previous)
-    nodes, cid, _ = _setup(grid, s)
+    nodes, cid, _ = _setup(grid, s, at_least=len(wanted))
     back = [n for n in nodes if cid[n] in wanted]
     if not back:
         raise RunFailed(f"none of the missing clients {wanted} is among the connected nodes "
