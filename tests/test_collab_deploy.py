@@ -1,5 +1,6 @@
-"""CollabEdit in deployment on loopback (a SuperLink, one SuperNode per client, `flwr run`), its
-sums through SecAgg+; and one source of defaults for the apps, the settings and the CLI."""
+"""CollabEdit in deployment on loopback (a SuperLink with TLS and SuperNode authentication, one
+registered SuperNode per client, `flwr run`), its sums through SecAgg+; and one source of defaults
+for the apps, the settings and the CLI."""
 
 import json
 import tomllib
@@ -59,6 +60,12 @@ def test_cli_defaults_are_the_settings_defaults(argv, settings, names):
         assert common.records_per_client(ns, FedSettings.n_per_client) == want.n_per_client
 
 
+def run_config(s: CollabSettings) -> str:
+    """``s`` as `flwr run --run-config` text (the salt stays with the nodes)."""
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
+                    for k, v in s.to_user_config().items() if k != "salt")
+
+
 def test_collabedit_on_superlink_and_supernodes_with_secagg(tmp_path, tiny_model_dir):
     (tmp_path / "model").symlink_to(tiny_model_dir)
     (tmp_path / "hp.json").write_text(json.dumps(HP))
@@ -66,8 +73,7 @@ def test_collabedit_on_superlink_and_supernodes_with_secagg(tmp_path, tiny_model
     s = CollabSettings(model=str(tmp_path / "model"), hparams_file=str(tmp_path / "hp.json"), corpus=str(CORPUS),
                        cache_dir=str(tmp_path / "cache"), clients=2, per_client=2, secagg=True, threads=1,
                        out=str(out))
-    cfg = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
-                   for k, v in s.to_user_config().items() if k != "salt")
+    cfg = run_config(s)
     with deployment(tmp_path, [f"partition-id={i} salt='{SALT}'" for i in range(2)]) as run:
         done = run(APP, cfg)
         assert done.returncode == 0, done.stdout + done.stderr

@@ -34,6 +34,12 @@ Delta = dict[int, torch.Tensor]  # layer -> [d_out, d_in], math layout of W_out
 Applied = dict[str, dict[int, list[int]]]  # client -> round -> indices of the facts now on the model
 
 
+class ClientsLost(Exception):
+    """Raised by an ``Exchange`` when clients stopped answering before the round's merge (their
+    node is gone); the exchange no longer asks them and ``run_round`` redoes the round without
+    them, so the merge is exactly that of the clients present. The exchange records who and where."""
+
+
 @dataclass
 class Edited:
     """What a client says after editing a round's kept facts (nothing about the facts themselves)."""
@@ -113,12 +119,17 @@ def run_round(rnd: int, method: str, ex: Exchange, st: CollabState, applied: App
               solver: Solver) -> tuple[dict[str, Any], Resolution]:
     """One round of one merge method; updates ``st`` and ``applied``; returns (report entry, resolution)."""
     t0 = time.perf_counter()
-    subs = ex.digests(rnd)
-    res = resolve(subs, cfg.conflict_policy, cfg.priority, st.applied)
-    edited = ex.prepare(rnd, res.keep, st)
-    n_total = sum(len(e.used) for e in edited.values())
-    t1 = time.perf_counter()
-    total, delta = _merged(method, ex, rnd, res.keep, st, cfg, solver) if n_total else ({}, {})
+    while True:  # once more for each loss of clients before the merge
+        try:
+            subs = ex.digests(rnd)
+            res = resolve(subs, cfg.conflict_policy, cfg.priority, st.applied)
+            edited = ex.prepare(rnd, res.keep, st)
+            n_total = sum(len(e.used) for e in edited.values())
+            t1 = time.perf_counter()
+            total, delta = _merged(method, ex, rnd, res.keep, st, cfg, solver) if n_total else ({}, {})
+            break
+        except ClientsLost:
+            continue
     t_merge = time.perf_counter() - t1
     c1 = cfg.c1 and method == "collabedit"
     st.apply(delta, total or None, _kept_facts(subs, res), c1=c1, c1_weight=cfg.c1_weight, version=f"{method}@{rnd + 1}")

@@ -8,6 +8,7 @@ called by whoever starts Flower (the CLI, a test), never at import time.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -20,6 +21,9 @@ from fedit.extras import require
 
 require("flwr", "fed")  # every Flower app of fedit imports this module first
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict  # noqa: E402
+from flwr.common.constant import ErrorCode  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 # Flower's defaults that fedit changes: no telemetry, no update check (machines are often
 # offline), and Ray's log lines kept apart per actor.
@@ -70,19 +74,67 @@ def short_reason(reason: str) -> str:
     return found[-1].strip() if found else reason.strip().splitlines()[-1][:500]
 
 
+# A reply carrying one of these errors means the node (or the ClientApp process it ran) is gone —
+# killed, crashed, unreachable past its heartbeat — not that the app refused the work.
+GONE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
+        ErrorCode.CLIENT_APP_CRASHED}
+
+
+def ask_present(grid, nodes: list[int], message_type: str, contents: dict[int, RecordDict], group: str = "",
+                fail: Callable[[str], Exception] = RunFailed) -> tuple[dict[int, RecordDict], dict[int, str]]:
+    """Send ``contents[n]`` to every node ``n``; (replies' contents by node, {absent node: why}).
+
+    A node that is gone (no reply, or Flower's node-unavailable / crashed error: the SuperLink
+    says so once the node missed its heartbeats) is absent, not a failure. A ClientApp that
+    raised fails the run: ``fail(why)``, ``why`` naming the step and the client's message."""
+    msgs = [Message(contents[n], dst_node_id=n, message_type=message_type, group_id=group) for n in nodes]
+    replies = list(grid.send_and_receive(msgs))
+    # by the message each answers: the SuperLink, not the node, sends a node-unavailable reply
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs if m.metadata.message_id}
+    by_node = {sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): r for r in replies}
+    absent = {n: "no reply" for n in nodes if n not in by_node}
+    absent.update({n: short_reason(r.error.reason) for n, r in by_node.items() if r.has_error() and r.error.code in GONE})
+    errors = sorted({short_reason(r.error.reason) for n, r in by_node.items() if r.has_error() and n not in absent})
+    if errors:
+        raise fail(f"clients failed at {message_type.removeprefix('query.')}: {'; '.join(errors)}")
+    return {n: by_node[n].content for n in nodes if n not in absent}, absent
+
+
 def ask(grid, nodes: list[int], message_type: str, contents: dict[int, RecordDict], group: str = "",
         fail: Callable[[str], Exception] = RunFailed) -> dict[int, RecordDict]:
     """Send ``contents[n]`` to every node ``n``; their replies' contents by node.
 
     Raises ``fail(why)`` when a client failed or did not reply (``why`` names the step)."""
-    msgs = [Message(contents[n], dst_node_id=n, message_type=message_type, group_id=group) for n in nodes]
-    by_node = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs)}
-    errors = sorted({short_reason(r.error.reason) for r in by_node.values() if r.has_error()})
-    missing = [n for n in nodes if n not in by_node]
-    if errors or missing:
-        why = "; ".join(errors) + (f" (no reply from nodes {missing})" if missing else "")
-        raise fail(f"clients failed at {message_type.removeprefix('query.')}: {why}")
-    return {n: by_node[n].content for n in nodes}
+    replies, absent = ask_present(grid, nodes, message_type, contents, group, fail)
+    if absent:
+        why = "; ".join(sorted(set(absent.values())))
+        raise fail(f"clients failed at {message_type.removeprefix('query.')}: {why} (no reply from nodes {sorted(absent)})")
+    return replies
+
+
+class Roster:
+    """The client nodes still answering, and who went missing where: a node that is gone
+    mid-run is dropped from the rest of it (``ask_present``) and recorded, the others go on."""
+
+    def __init__(self, nodes: list[int], ids: dict[int, str], fail: Callable[[str], Exception] = RunFailed):
+        self.nodes, self.ids, self.fail = list(nodes), ids, fail
+        self.missing: list[dict[str, Any]] = []  # {"client", "step", where..., "why"}
+
+    def ask(self, grid, message_type: str, content: Callable[[int], RecordDict], group: str = "",
+            **where: Any) -> dict[int, RecordDict]:
+        """Ask every node still present for ``content(node)``; the replies of those that answered."""
+        replies, absent = ask_present(grid, self.nodes, message_type, {n: content(n) for n in self.nodes}, group,
+                                      self.fail)
+        for n, why in absent.items():
+            entry = {"client": self.ids.get(n, str(n)), "step": message_type.removeprefix("query."), **where, "why": why}
+            log.warning("client %s is missing at %s (%s); the run goes on without it", entry["client"],
+                        {**where, "step": entry["step"]}, why)
+            self.missing.append(entry)
+        self.nodes = [n for n in self.nodes if n not in absent]
+        if not self.nodes:
+            raise self.fail(f"every client is missing at {message_type.removeprefix('query.')} {where}: "
+                            + "; ".join(sorted(set(absent.values()))))
+        return replies
 
 
 def wait_for_nodes(grid, n: int, timeout: float, fail: Callable[[str], Exception] = RunFailed) -> list[int]:

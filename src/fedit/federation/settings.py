@@ -103,6 +103,7 @@ class FedSettings(RunSettings):
     out: str = "fedit-fed-out"
     store: str = ""  # MKV store file; "" = <out>/mkv.sqlite
     node_timeout: float = 120.0  # seconds to wait for every client to connect
+    resume: bool = False  # catch up the clients the run in `out` lists as missing (federation.resume)
 
     def __post_init__(self):
         if self.mode not in ("private", "paper"):

@@ -12,11 +12,11 @@ from fedit.collab.app.secagg import secure_sum
 from fedit.collab.client import CollabError
 from fedit.collab.merge import sum_stats
 from fedit.collab.protocol import FactDigest
-from fedit.collab.rounds import Edited
+from fedit.collab.rounds import ClientsLost, Edited
 from fedit.collab.secure import NO_EXPONENT
 from fedit.collab.settings import CollabSettings
 from fedit.collab.state import CollabState, add_layers
-from fedit.federation.flower import ask, layers_to_arrays, to_tensors
+from fedit.federation.flower import Roster, layers_to_arrays, to_tensors
 from fedit.methods.vectors import LayerSums
 
 
@@ -36,6 +36,8 @@ class FlowerExchange:
         self._keep: dict[str, list[int]] = {}
         self._exponents: list[dict[str, int]] = []
         self._n = 0
+        self.roster = Roster(nodes, self.ids, fail=_fail)  # who is still answering; who went missing where
+        self._rnd = 0
 
     def _ask(self, kind: str, values, state: CollabState | None = None,
              delta: dict[int, torch.Tensor] | None = None) -> dict[int, RecordDict]:
@@ -46,14 +48,21 @@ class FlowerExchange:
             contents[nid] = RecordDict({"collab": ConfigRecord(values(nid) if callable(values) else values)})
             if delta is not None:
                 contents[nid]["state"] = layers_to_arrays(delta)
-        return ask(self.grid, self.nodes, kind, contents, group=kind, fail=_fail)
+        got = self.roster.ask(self.grid, kind, contents.__getitem__, group=kind, round=self._rnd + 1)
+        if len(self.roster.nodes) < len(self.nodes):  # a node is gone: go on without it
+            self.nodes = list(self.roster.nodes)
+            self.order = [n for n in self.order if n in self.nodes]
+            if kind != "evaluate":  # before the merge: the round is redone without it
+                raise ClientsLost(kind)
+        return got
 
     def _asked(self, rnd: int, state: CollabState):
         return lambda nid: {"round": rnd, "keep": json.dumps(self._keep[self.ids[nid]]), "version": state.version}
 
     def digests(self, rnd: int) -> dict[str, list[FactDigest]]:
+        self._rnd = rnd
         got = {nid: r.config_records["collab"] for nid, r in self._ask("query.digest", {"round": rnd}).items()}
-        self.ids = {nid: str(c["client"]) for nid, c in got.items()}
+        self.ids = self.roster.ids = {nid: str(c["client"]) for nid, c in got.items()}
         prints = {str(c["fingerprint"]) for c in got.values()}
         if len(prints) != 1:
             raise CollabError(f"clients hold different base models (fingerprints {sorted(prints)}).",
@@ -114,7 +123,7 @@ class FlowerExchange:
 
         got = self._ask("evaluate", values, state)
         return {self.ids[nid]: {int(k): v for k, v in json.loads(str(got[nid].config_records["collab"]["metrics"])).items()}
-                for nid in self.order}
+                for nid in self.order if nid in got}
 
 
 def _stats_of(content: RecordDict) -> dict[int, LayerSums]:

@@ -49,9 +49,10 @@ def serve(grid: Grid, context: Context, s: CollabSettings, lm=None, res=None) ->
     solver, layout, lm, hp = _solver_and_layout(s, lm, res)
     ex = FlowerExchange(grid, context, nodes, s, layout)
     done = run_merges(ex, s.rounds, s.collab_config(), solver, say=log.info)
-    report = summary("flower", [ex.ids[n] for n in ex.order], s.rounds, s.merges,
-                     [r.to_dict() for r in done["resolutions"]], done["runs"])
-    report.update(secagg=s.secagg, secure_aggregation=ex.secure_log, model=lm.name, dataset=s.dataset,
+    clients = [ex.ids[n] for n in ex.order]
+    clients += [m["client"] for m in ex.roster.missing if m["client"] not in clients]
+    report = summary("flower", clients, s.rounds, s.merges, [r.to_dict() for r in done["resolutions"]], done["runs"])
+    report.update(missing=ex.roster.missing, secagg=s.secagg, secure_aggregation=ex.secure_log, model=lm.name, dataset=s.dataset,
                   per_client=s.per_client, overlap=s.overlap, conflict=s.conflict,
                   config=s.collab_config().to_dict(), reference=None, seconds=round(time.perf_counter() - t0, 3))
     return report, done["deltas"]

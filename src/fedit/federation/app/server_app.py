@@ -19,10 +19,11 @@ import torch
 from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedit.federation import resume
 from fedit.federation.app import task
 from fedit.federation.app.messages import batch_content, batch_from
 from fedit.federation.fededit import FedEditServer, average_updates
-from fedit.federation.flower import RunFailed, ask, config, to_arrays, to_tensors, wait_for_nodes
+from fedit.federation.flower import Roster, RunFailed, ask, config, to_arrays, to_tensors, wait_for_nodes
 from fedit.federation.settings import FedSettings
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,12 @@ def _with_global(nodes: list[int], glob: dict[str, torch.Tensor], **values) -> d
     return out
 
 
-def _setup(grid: Grid, s: FedSettings) -> tuple[list[int], dict[int, str], dict[str, list]]:
-    """The client nodes, their client ids and the case ids each will edit."""
-    nodes = wait_for_nodes(grid, s.clients, s.node_timeout)
+def _setup(grid: Grid, s: FedSettings, at_least: int = 0) -> tuple[list[int], dict[int, str], dict[str, list]]:
+    """The client nodes, their client ids and the case ids each will edit. ``at_least`` > 0: every
+    node connected once that many are (a catch-up: the others' nodes may have gone)."""
+    nodes = wait_for_nodes(grid, at_least or s.clients, s.node_timeout)
+    if at_least:
+        nodes = sorted(grid.get_node_ids())
     setup = ask(grid, nodes, "query.setup", _each(nodes), "setup")
     cid = {n: str(setup[n]["config"]["client"]) for n in nodes}
     if len(set(cid.values())) != len(nodes):
@@ -51,31 +55,35 @@ def _setup(grid: Grid, s: FedSettings) -> tuple[list[int], dict[int, str], dict[
     return nodes, cid, {cid[n]: json.loads(str(setup[n]["config"]["case_ids"])) for n in nodes}
 
 
-def _slot(grid: Grid, nodes: list[int], cid: dict[int, str], server: FedEditServer, slot: int) -> dict[str, Any]:
-    """One time slot: every client edits and uploads its MKVs, then reuses the hits it is sent."""
+def _slot(grid: Grid, roster: Roster, server: FedEditServer, slot: int, catching_up: bool = False) -> dict[str, Any]:
+    """One time slot: every client present edits and uploads its MKVs, then reuses the hits it is
+    sent. A client gone mid-slot is left out (``roster.missing``). ``catching_up``: MKVs the store
+    already holds for a client and slot (uploaded before it went missing) are not stored twice."""
     t0 = time.perf_counter()
-    replies = ask(grid, nodes, "query.edit", _each(nodes, slot=slot), f"slot{slot}-edit")
+    cid = roster.ids
+    replies = roster.ask(grid, "query.edit", lambda n: config(slot=slot), f"slot{slot}-edit", slot=slot)
     uploaded = {}
-    for n in nodes:
+    for n in replies:
         batch = batch_from(replies[n], owner=cid[n])
-        server.receive(cid[n], slot, batch)
+        if not (catching_up and server.store.count(slot=slot, owner=cid[n])):
+            server.receive(cid[n], slot, batch)
         uploaded[cid[n]] = len(batch)
-    hits = {n: server.hits_for(cid[n], slot) for n in nodes}
-    replies = ask(grid, nodes, "query.reuse", {n: batch_content(hits[n][0], slot=slot) for n in nodes},
-                  f"slot{slot}-reuse")
-    reuse = {cid[n]: json.loads(str(replies[n]["config"]["json"])) for n in nodes}
+    hits = {n: server.hits_for(cid[n], slot) for n in replies}
+    replies = roster.ask(grid, "query.reuse", lambda n: batch_content(hits[n][0], slot=slot), f"slot{slot}-reuse",
+                         slot=slot)
+    reuse = {cid[n]: json.loads(str(replies[n]["config"]["json"])) for n in replies}
     log.info("slot %d: uploaded %s, reused %s", slot, uploaded, {k: v["applied"] for k, v in reuse.items()})
-    return {"slot": slot, "uploaded": uploaded, "hits": {cid[n]: hits[n][1] for n in nodes},
-            "reuse": reuse, "seconds": round(time.perf_counter() - t0, 3)}
+    return {"slot": slot, "uploaded": uploaded, "hits": {cid[n]: hits[n][1] for n in replies},
+            "reuse": reuse, "missing": sorted(m["client"] for m in roster.missing if m.get("slot") == slot),
+            "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _evaluate(grid: Grid, nodes: list[int], cid: dict[int, str], group: str,
-              glob: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    ev = ask(grid, nodes, "query.evaluate", _with_global(nodes, glob or {}), group)
-    return {cid[n]: json.loads(str(ev[n]["config"]["json"])) for n in nodes}
+def _evaluate(grid: Grid, roster: Roster, group: str, glob: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    ev = roster.ask(grid, "query.evaluate", lambda n: _with_global([n], glob or {})[n], group, slot=None)
+    return {roster.ids[n]: json.loads(str(ev[n]["config"]["json"])) for n in ev}
 
 
-def _fededit(grid: Grid, s: FedSettings, nodes: list[int], cid: dict[int, str]) -> dict[str, Any]:
+def _fededit(grid: Grid, s: FedSettings, roster: Roster, catching_up: bool = False) -> dict[str, Any]:
     """The FedEdit slots (and the evaluation); the MKV store is ``s.store_path``."""
     from fedit.federation.store import MKVStore
 
@@ -83,50 +91,80 @@ def _fededit(grid: Grid, s: FedSettings, nodes: list[int], cid: dict[int, str]) 
     store = MKVStore(s.store_path)
     try:
         server = FedEditServer(store, tau=s.tau)
-        for n in nodes:
-            server.register(cid[n])
-        result: dict[str, Any] = {"slots": [_slot(grid, nodes, cid, server, t) for t in range(s.slots)],
+        for n in roster.nodes:
+            server.register(roster.ids[n])
+        result: dict[str, Any] = {"slots": [_slot(grid, roster, server, t, catching_up) for t in range(s.slots)],
                                   "mkvs_stored": store.count()}
     finally:
         store.close()
     if s.evaluate:
-        result["fededit"] = _evaluate(grid, nodes, cid, "evaluate")
+        result["fededit"] = _evaluate(grid, roster, "evaluate")
     result["fededit_seconds"] = round(time.perf_counter() - t0, 3)
     return result
 
 
-def _fedavg(grid: Grid, s: FedSettings, nodes: list[int], cid: dict[int, str]) -> dict[str, Any]:
-    """The FedAvg baseline: per slot the mean of the clients' MEMIT Δ on the global model."""
+def _fedavg(grid: Grid, s: FedSettings, roster: Roster) -> dict[str, Any]:
+    """The FedAvg baseline: per slot the mean of the present clients' MEMIT Δ on the global model."""
     t0 = time.perf_counter()
     glob: dict[str, torch.Tensor] = {}
     rounds = []
     for slot in range(s.slots):
-        replies = ask(grid, nodes, "query.fedavg", _with_global(nodes, glob, slot=slot), f"fedavg{slot}")
-        avg = average_updates([to_tensors(replies[n]["update"]) for n in nodes])
+        replies = roster.ask(grid, "query.fedavg", lambda n: _with_global([n], glob, slot=slot)[n], f"fedavg{slot}",
+                             slot=slot, baseline="fedavg")
+        avg = average_updates([to_tensors(replies[n]["update"]) for n in replies])
         glob = {k: glob.get(k, 0) + v for k, v in avg.items()}
-        rounds.append({"slot": slot, "target_seconds": {cid[n]: float(replies[n]["config"]["target_seconds"])
-                                                        for n in nodes}})
+        rounds.append({"slot": slot, "target_seconds": {roster.ids[n]: float(replies[n]["config"]["target_seconds"])
+                                                        for n in replies}})
     out: dict[str, Any] = {"rounds": rounds}
     if s.evaluate:
-        out["clients"] = _evaluate(grid, nodes, cid, "evaluate-fedavg", glob)
+        out["clients"] = _evaluate(grid, roster, "evaluate-fedavg", glob)
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
 
 
+def _write(out: Path, result: dict[str, Any]) -> None:
+    tmp = out / "federation.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / "federation.json")
+
+
+def _catch_up(grid: Grid, s: FedSettings) -> dict[str, Any]:
+    """``resume=true``: the clients the run in ``s.out`` lists as missing redo their slots
+    (``federation.resume``); the results are merged into its ``federation.json``."""
+    t0 = time.perf_counter()
+    previous = resume.previous_run(Path(s.out), s.to_user_config())
+    wanted = resume.to_catch_up(previous)
+    nodes, cid, _ = _setup(grid, s, at_least=len(wanted))
+    back = [n for n in nodes if cid[n] in wanted]
+    if not back:
+        raise RunFailed(f"none of the missing clients {wanted} is among the connected nodes "
+                        f"({sorted(cid.values())}); start their SuperNodes again.")
+    roster = Roster(back, cid)
+    caught = _fededit(grid, s, roster, catching_up=True)
+    result = resume.merge(previous, caught, roster.missing, [cid[n] for n in back], time.perf_counter() - t0)
+    _write(Path(s.out), result)
+    return result
+
+
 def run_server(grid: Grid, s: FedSettings) -> dict[str, Any]:
-    """The whole FedEdit run (and the FedAvg baseline if asked); writes ``<out>/federation.json``."""
+    """The whole FedEdit run (and the FedAvg baseline if asked); writes ``<out>/federation.json``.
+
+    A client whose node is gone mid-run is left out of the rest of it; ``missing`` lists each
+    such client with the slot and step (``edit``, ``reuse``, ``evaluate``, ``fedavg``) and why."""
+    if s.resume:
+        return _catch_up(grid, s)
     t0 = time.perf_counter()
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     nodes, cid, case_ids = _setup(grid, s)
+    roster = Roster(nodes, cid)
     result: dict[str, Any] = {"settings": s.to_user_config(), "clients": [cid[n] for n in nodes], "case_ids": case_ids}
-    result.update(_fededit(grid, s, nodes, cid))
+    result.update(_fededit(grid, s, roster))
     if s.baseline == "fedavg":
-        result["fedavg"] = _fedavg(grid, s, nodes, cid)
+        result["fedavg"] = _fedavg(grid, s, roster)
+    result["missing"] = roster.missing
     result["seconds"] = round(time.perf_counter() - t0, 3)
-    tmp = out / "federation.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "federation.json")
+    _write(out, result)
     return result
 
 
