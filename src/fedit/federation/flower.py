@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from fedit import progress
 from fedit.extras import require
 
 require("flwr", "fed")  # every Flower app of fedit imports this module first
@@ -70,13 +71,32 @@ def short_reason(reason: str) -> str:
     return found[-1].strip() if found else reason.strip().splitlines()[-1][:500]
 
 
+def replies(grid, messages: list[Message], desc: str, timeout: float | None = None) -> list[Message]:
+    """``grid.send_and_receive(messages, timeout=timeout)`` with a progress task ``desc`` that moves
+    as each reply arrives (pulled as often as the grid's own ``send_and_receive`` does)."""
+    waiting = set(grid.push_messages(messages))
+    got: list[Message] = []
+    end = None if timeout is None else time.time() + timeout
+    with progress.task(desc, total=len(waiting), unit="client") as bar:
+        while waiting and (end is None or time.time() < end):
+            new = list(grid.pull_messages(waiting))
+            got += new
+            waiting -= {r.metadata.reply_to_message_id for r in new}
+            bar.update(len(new))
+            if waiting:
+                time.sleep(getattr(grid, "pull_interval", 3.0))  # the in-memory grid's, else the HTTP grid's
+    return got
+
+
 def ask(grid, nodes: list[int], message_type: str, contents: dict[int, RecordDict], group: str = "",
         fail: Callable[[str], Exception] = RunFailed) -> dict[int, RecordDict]:
-    """Send ``contents[n]`` to every node ``n``; their replies' contents by node.
+    """Send ``contents[n]`` to every node ``n``; their replies' contents by node. Progress: a task
+    "<step>: clients replied" (the step is the message type without ``query.``).
 
     Raises ``fail(why)`` when a client failed or did not reply (``why`` names the step)."""
     msgs = [Message(contents[n], dst_node_id=n, message_type=message_type, group_id=group) for n in nodes]
-    by_node = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs)}
+    step = message_type.removeprefix("query.")
+    by_node = {r.metadata.src_node_id: r for r in replies(grid, msgs, f"{step}: clients replied")}
     errors = sorted({short_reason(r.error.reason) for r in by_node.values() if r.has_error()})
     missing = [n for n in nodes if n not in by_node]
     if errors or missing:

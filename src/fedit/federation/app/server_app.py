@@ -19,6 +19,7 @@ import torch
 from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedit import progress
 from fedit.federation.app import task
 from fedit.federation.app.messages import batch_content, batch_from
 from fedit.federation.fededit import FedEditServer, average_updates
@@ -85,7 +86,8 @@ def _fededit(grid: Grid, s: FedSettings, nodes: list[int], cid: dict[int, str]) 
         server = FedEditServer(store, tau=s.tau)
         for n in nodes:
             server.register(cid[n])
-        result: dict[str, Any] = {"slots": [_slot(grid, nodes, cid, server, t) for t in range(s.slots)],
+        result: dict[str, Any] = {"slots": [_slot(grid, nodes, cid, server, t)
+                                            for t in progress.each(range(s.slots), "FedEdit slots", unit="slot")],
                                   "mkvs_stored": store.count()}
     finally:
         store.close()
@@ -100,7 +102,7 @@ def _fedavg(grid: Grid, s: FedSettings, nodes: list[int], cid: dict[int, str]) -
     t0 = time.perf_counter()
     glob: dict[str, torch.Tensor] = {}
     rounds = []
-    for slot in range(s.slots):
+    for slot in progress.each(range(s.slots), "FedAvg baseline slots", unit="slot"):
         replies = ask(grid, nodes, "query.fedavg", _with_global(nodes, glob, slot=slot), f"fedavg{slot}")
         avg = average_updates([to_tensors(replies[n]["update"]) for n in nodes])
         glob = {k: glob.get(k, 0) + v for k, v in avg.items()}
@@ -135,6 +137,7 @@ def make_server_app(settings: FedSettings | None = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
+    @progress.bind  # Flower's simulation calls main from a thread of its own: report to our caller's bars
     def main(grid: Grid, context: Context) -> None:
         s = task.settings_for(context.run_config, settings)
         try:
