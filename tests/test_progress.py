@@ -191,8 +191,11 @@ def test_collab_flower_engine_reports_from_the_server_thread(tiny_model_dir, tmp
     which stage each round is in and how many clients have replied."""
     rec = Recorder()
     _cli_with(rec, monkeypatch)
-    argv = _collab_argv(tiny_model_dir, tmp_path, "--rounds", "1", "--merge", "collabedit", "--no-reference")
+    argv = _collab_argv(tiny_model_dir, tmp_path, "--rounds", "1", "--merge", "collabedit")
     assert main([*argv, "--out", str(tmp_path / "o")]) == 0
+    # after the run, in this process: the reference over the same facts
+    assert _all_done(_tasks(rec, "global MEMIT reference"), 1)
+    assert _all_done(_tasks(rec, "base-model measurement (reference): clients"), 2)
     assert _all_done(_tasks(rec, "CollabEdit rounds"), 1) and _all_done(_tasks(rec, "collabedit round 1/1"), 4)
     assert _all_done(_tasks(rec, "layerwise merge"), 2)
     for step, times in (("digest", 1), ("prepare", 1), ("layer", 2), ("evaluate", 1)):
