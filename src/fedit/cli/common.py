@@ -250,8 +250,9 @@ def emit(args, obj: dict, text: str) -> None:
 
 
 def say(args, tag: str) -> Callable[[str], None]:
-    """A progress line printer on stderr (silent under ``--json``)."""
-    return (lambda s: None) if args.json else (lambda s: sys.stderr.write(f"[{tag}] {s}\n"))
+    """A printer of what a long run is doing, as log lines (INFO: shown with ``--verbose``); the
+    progress bars show the same to everyone else."""
+    return lambda s: log.info("[%s] %s", tag, s)
 
 
 def table(rows: list[dict]) -> str:
@@ -290,14 +291,17 @@ def configure(args) -> None:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Flower's own handler prints its warnings; its DEBUG lines reach ours only with --verbose
+    logging.getLogger("flwr").propagate = bool(getattr(args, "verbose", False))
     if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
-    if getattr(args, "json", False):
+    if getattr(args, "json", False) or getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # also in the processes this one starts (Ray workers)
 
 
 def error_object(e: BaseException) -> dict:

@@ -15,6 +15,7 @@ import logging
 import time
 from typing import Any, Callable
 
+from fedit import progress
 from fedit.collab.client import CollabClient, PublishedModel
 from fedit.collab.config import CollabConfig, for_form
 from fedit.collab.merge import solve, sum_stats
@@ -30,6 +31,14 @@ __all__ = ["CollabConfig", "LocalExchange", "PlanError", "annotate", "attach_ref
            "relative_diff", "round_entry", "run_collab", "split_plan"]
 
 
+def _each(clients, step: str):
+    """The clients (or (client, x) pairs) one by one, with a progress task "<step>: clients" naming
+    the client now working; its own tasks (target vectors, measuring) nest below."""
+    items = list(clients)
+    return progress.each(items, f"{step}: clients", unit="client",
+                         label=lambda c: (c[0] if isinstance(c, tuple) else c).id)
+
+
 class LocalExchange:
     """The round loop's questions answered by ``CollabClient`` objects in this process."""
 
@@ -42,7 +51,7 @@ class LocalExchange:
 
     def prepare(self, rnd, keep, state: CollabState):
         self.model.set(state.version, state.delta)
-        self._prepared = {c.id: c.prepare(rnd, keep[c.id]) for c in self.clients}
+        self._prepared = {c.id: c.prepare(rnd, keep[c.id]) for c in _each(self.clients, "prepare")}
         return {c.id: Edited(p.used, [c.round_records(rnd)[i].request.case_id for i in p.vanished], p.seconds)
                 for c, p in zip(self.clients, self._prepared.values())}
 
@@ -56,7 +65,7 @@ class LocalExchange:
 
     def layer_stats(self, rnd, keep, state, step, below):
         self.model.set(f"{state.version}+r{rnd + 1}l{step}", add_layers(state.delta, below))
-        parts = [c.layer_stats(rnd, p, step) for c, p in zip(self.clients, self._prepared.values())]
+        parts = [c.layer_stats(rnd, p, step) for c, p in _each(zip(self.clients, self._prepared.values()), "layer")]
         l = self.solver.layers[step]
         return sum_stats([{l: s} for s in parts if s is not None])[l]
 
@@ -64,7 +73,7 @@ class LocalExchange:
         self.model.set(state.version, state.delta)
         for c in self.clients:
             c.kept = dict(applied.get(c.id, {}))
-        return {c.id: c.evaluate(rnd) for c in self.clients}
+        return {c.id: c.evaluate(rnd) for c in _each(self.clients, "evaluate")}
 
 
 def run_collab(lm, plan: dict[str, list[list]], hparams, resources, cfg: CollabConfig | None = None,
@@ -88,7 +97,7 @@ def run_collab(lm, plan: dict[str, list[list]], hparams, resources, cfg: CollabC
                for c, recs in plan.items()]
     try:
         say("measuring every fact on the base model")
-        for c in clients:
+        for c in _each(clients, "base-model measurement"):
             c.pre_scores()
         solver = Solver(resources.second_moments(lm, hp.layers, hp.mom2_samples, hp.mom2_seq_len),
                         hp.mom2_update_weight, list(hp.layers))

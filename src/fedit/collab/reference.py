@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from fedit.progress import each  # the module's name is global_reference's callback argument
 from fedit.collab.client import CollabClient, PublishedModel, pool
 from fedit.collab.config import CollabConfig, for_form
 from fedit.collab.merge import MergeConfig, MergeError, merge
@@ -51,7 +52,7 @@ def global_reference(lm, plan: dict[str, list[list]], hparams, resources, cfg: C
     clients = [CollabClient(c, published, hp, resources, recs, cfg.salt, cfg.residual_tol, cfg.dataset)
                for c, recs in plan.items()]
     try:
-        for c in clients:
+        for c in each(clients, "base-model measurement (reference): clients", unit="client", label=lambda c: c.id):
             c.pre_scores()
         C0 = resources.second_moments(lm, hp.layers, hp.mom2_samples, hp.mom2_seq_len)
         R = len(next(iter(plan.values())))
@@ -69,7 +70,7 @@ def reference_rounds(lm, clients: list[CollabClient], resolutions: list[Resoluti
     published = clients[0].model
     deltas, layerwise, entries = [], [], []
     try:
-        for t in range(len(resolutions)):
+        for t in each(range(len(resolutions)), "global MEMIT reference", unit="round"):
             say(f"reference: global MEMIT over rounds 1..{t + 1}")
             delta, entry, reqs, zs = _base_form(lm, clients, resolutions, t, hp, C0)
             deltas.append(delta)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from fedit import progress
 from fedit.collab.config import CollabConfig
 from fedit.collab.merge import MergeError, merge_updates, solve
 from fedit.collab.protocol import FactDigest, Resolution, resolve
@@ -32,6 +33,7 @@ from fedit.methods.vectors import LayerSums, delta_from_sums
 
 Delta = dict[int, torch.Tensor]  # layer -> [d_out, d_in], math layout of W_out
 Applied = dict[str, dict[int, list[int]]]  # client -> round -> indices of the facts now on the model
+STAGES = 4  # of a round, for progress: digests, clients edit, merge, evaluate
 
 
 class ClientsLost(Exception):
@@ -103,7 +105,7 @@ def _layer_by_layer(ex: Exchange, rnd: int, keep: dict[str, list[int]], st: Coll
     below applied, the server solves the layer with λC₀ + C₁ + Σ K Kᵀ."""
     total: dict[int, LayerSums] = {}
     delta: Delta = {}
-    for step, l in enumerate(solver.layers):
+    for step, l in progress.each(list(enumerate(solver.layers)), "layerwise merge", unit="layer", label=lambda x: x[1]):
         s_l = ex.layer_stats(rnd, keep, st, step, delta)
         total[l] = s_l
         C1 = st.C1.get(l) if cfg.c1 else None
@@ -116,27 +118,34 @@ def _kept_facts(subs: dict[str, list[FactDigest]], res: Resolution) -> dict[str,
 
 
 def run_round(rnd: int, method: str, ex: Exchange, st: CollabState, applied: Applied, cfg: CollabConfig,
-              solver: Solver) -> tuple[dict[str, Any], Resolution]:
-    """One round of one merge method; updates ``st`` and ``applied``; returns (report entry, resolution)."""
+              solver: Solver, stages: progress.Task = progress.Task(None)) -> tuple[dict[str, Any], Resolution]:
+    """One round of one merge method; updates ``st`` and ``applied``; returns (report entry, resolution).
+    ``stages`` moves by one per stage (digests, clients edit, merge, evaluate: ``STAGES``)."""
     t0 = time.perf_counter()
     while True:  # once more for each loss of clients before the merge
         try:
+            stages.show({"stage": "digests"})
             subs = ex.digests(rnd)
             res = resolve(subs, cfg.conflict_policy, cfg.priority, st.applied)
+            stages.update(1, stage="clients edit")
             edited = ex.prepare(rnd, res.keep, st)
             n_total = sum(len(e.used) for e in edited.values())
+            stages.update(1, stage=f"merge ({cfg.form})" if method == "collabedit" else "merge")
             t1 = time.perf_counter()
             total, delta = _merged(method, ex, rnd, res.keep, st, cfg, solver) if n_total else ({}, {})
             break
         except ClientsLost:
+            stages.show({"stage": "redo without the lost clients"})
             continue
     t_merge = time.perf_counter() - t1
+    stages.update(1, stage="evaluate")
     c1 = cfg.c1 and method == "collabedit"
     st.apply(delta, total or None, _kept_facts(subs, res), c1=c1, c1_weight=cfg.c1_weight, version=f"{method}@{rnd + 1}")
     for c in subs:
         applied.setdefault(c, {})[rnd] = list(edited[c].used) if delta else []
     t2 = time.perf_counter()
     evals = ex.evaluate(rnd, st, applied)
+    stages.update(1)
     counts = {c: {"submitted": len(subs[c]), "kept": len(res.keep[c]), "used": len(edited[c].used),
                   "vanished": list(edited[c].vanished), "seconds": round(edited[c].seconds, 3)} for c in subs}
     seconds = {"vectors": sum(e.seconds for e in edited.values()), "merge": t_merge,
@@ -152,16 +161,20 @@ def run_merges(ex: Exchange, rounds: int, cfg: CollabConfig, solver: Solver,
     Returns {"runs": {method: {"method", "rounds", "final"}}, "resolutions": [Resolution per
     round], "deltas": {method: [cumulative Δ after each round]}}."""
     runs, deltas, resolutions = {}, {}, []
-    for method in cfg.merges:
-        st, applied, entries, deltas[method] = CollabState(), {}, [], []
-        for t in range(rounds):
-            say(f"{method}: round {t + 1}/{rounds}")
-            entry, res = run_round(t, method, ex, st, applied, cfg, solver)
-            if len(resolutions) < rounds:
-                resolutions.append(res)
-            say(f"{method}: round {t + 1}: edited {entry['edited']} facts; "
-                f"efficacy {entry['metrics'].get('efficacy_success', float('nan')):.3f} over all applied")
-            entries.append(entry)
-            deltas[method].append({l: d.clone() for l, d in st.delta.items()})
-        runs[method] = {"method": method, "rounds": entries, "final": entries[-1]["metrics"] if entries else {}}
+    with progress.task("CollabEdit rounds", total=len(cfg.merges) * rounds, unit="round") as bar:
+        for method in cfg.merges:
+            st, applied, entries, deltas[method] = CollabState(), {}, [], []
+            for t in range(rounds):
+                say(f"{method}: round {t + 1}/{rounds}")
+                bar.show({"merge": method, "round": f"{t + 1}/{rounds}"})
+                with progress.task(f"{method} round {t + 1}/{rounds}", total=STAGES, unit="stage") as stages:
+                    entry, res = run_round(t, method, ex, st, applied, cfg, solver, stages)
+                if len(resolutions) < rounds:
+                    resolutions.append(res)
+                efficacy = entry["metrics"].get("efficacy_success", float("nan"))
+                say(f"{method}: round {t + 1}: edited {entry['edited']} facts; efficacy {efficacy:.3f} over all applied")
+                bar.update(1, merge=method, round=f"{t + 1}/{rounds}", edited=entry["edited"], efficacy=efficacy)
+                entries.append(entry)
+                deltas[method].append({l: d.clone() for l, d in st.delta.items()})
+            runs[method] = {"method": method, "rounds": entries, "final": entries[-1]["metrics"] if entries else {}}
     return {"runs": runs, "resolutions": resolutions, "deltas": deltas}

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from fedit import progress
 from fedit.extras import require
 
 require("flwr", "fed")  # every Flower app of fedit imports this module first
@@ -74,6 +75,23 @@ def short_reason(reason: str) -> str:
     return found[-1].strip() if found else reason.strip().splitlines()[-1][:500]
 
 
+def replies(grid, messages: list[Message], desc: str, timeout: float | None = None) -> list[Message]:
+    """``grid.send_and_receive(messages, timeout=timeout)`` with a progress task ``desc`` that moves
+    as each reply arrives (pulled as often as the grid's own ``send_and_receive`` does)."""
+    waiting = set(grid.push_messages(messages))
+    got: list[Message] = []
+    end = None if timeout is None else time.time() + timeout
+    with progress.task(desc, total=len(waiting), unit="client") as bar:
+        while waiting and (end is None or time.time() < end):
+            new = list(grid.pull_messages(waiting))
+            got += new
+            waiting -= {r.metadata.reply_to_message_id for r in new}
+            bar.update(len(new))
+            if waiting:
+                time.sleep(getattr(grid, "pull_interval", 3.0))  # the in-memory grid's, else the HTTP grid's
+    return got
+
+
 # A reply carrying one of these errors means the node (or the ClientApp process it ran) is gone —
 # killed, crashed, unreachable past its heartbeat — not that the app refused the work.
 GONE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
@@ -88,10 +106,10 @@ def ask_present(grid, nodes: list[int], message_type: str, contents: dict[int, R
     says so once the node missed its heartbeats) is absent, not a failure. A ClientApp that
     raised fails the run: ``fail(why)``, ``why`` naming the step and the client's message."""
     msgs = [Message(contents[n], dst_node_id=n, message_type=message_type, group_id=group) for n in nodes]
-    replies = list(grid.send_and_receive(msgs))
+    answers = replies(grid, msgs, f"{message_type.removeprefix('query.')}: clients replied")
     # by the message each answers: the SuperLink, not the node, sends a node-unavailable reply
     sent = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs if m.metadata.message_id}
-    by_node = {sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): r for r in replies}
+    by_node = {sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): r for r in answers}
     absent = {n: "no reply" for n in nodes if n not in by_node}
     absent.update({n: short_reason(r.error.reason) for n, r in by_node.items() if r.has_error() and r.error.code in GONE})
     errors = sorted({short_reason(r.error.reason) for n, r in by_node.items() if r.has_error() and n not in absent})
@@ -102,14 +120,15 @@ def ask_present(grid, nodes: list[int], message_type: str, contents: dict[int, R
 
 def ask(grid, nodes: list[int], message_type: str, contents: dict[int, RecordDict], group: str = "",
         fail: Callable[[str], Exception] = RunFailed) -> dict[int, RecordDict]:
-    """Send ``contents[n]`` to every node ``n``; their replies' contents by node.
+    """Send ``contents[n]`` to every node ``n``; their replies' contents by node. Progress: a task
+    "<step>: clients replied" (the step is the message type without ``query.``).
 
     Raises ``fail(why)`` when a client failed or did not reply (``why`` names the step)."""
-    replies, absent = ask_present(grid, nodes, message_type, contents, group, fail)
+    got, absent = ask_present(grid, nodes, message_type, contents, group, fail)
     if absent:
         why = "; ".join(sorted(set(absent.values())))
         raise fail(f"clients failed at {message_type.removeprefix('query.')}: {why} (no reply from nodes {sorted(absent)})")
-    return replies
+    return got
 
 
 class Roster:

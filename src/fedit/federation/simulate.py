@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedit import progress
 from fedit.federation.fededit import FedError
 from fedit.federation.settings import FedSettings, client_records
 
@@ -54,20 +55,32 @@ def report_from_dir(out: str | Path, reference: bool = True) -> dict[str, Any]:
     return report_for(fed, settings.replace(out=str(out)), reference, time.perf_counter() - float(fed.get("seconds", 0)))
 
 
+def _reference(fed: dict[str, Any], settings: FedSettings) -> dict[str, Any] | None:
+    """The centralised MEMIT reference over every client's records (None where clients are not
+    client-0..N-1), with a progress task: loading the model, then the edit and its measurement."""
+    from fedit.federation import report as R
+    from fedit.models.loading import load_model
+
+    records = {f"client-{i}": client_records(settings, i, settings.clients) for i in range(settings.clients)}
+    if set(records) != set(fed["clients"]):
+        log.warning("clients %s are not client-0..N-1: no centralised reference", fed["clients"])
+        return None
+    with progress.task("centralised MEMIT reference", total=2, unit="step") as bar:
+        bar.show({"stage": "loading the model"})
+        lm = load_model(settings.model, device=settings.device or None, dtype=settings.dtype or None,
+                        cache_dir=settings.cache_dir or None)
+        bar.update(1, stage="edit all facts, measure")
+        ref = R.centralised_reference(lm, records, settings, zs=stored_targets(settings))
+        bar.update(1)
+    return ref
+
+
 def report_for(fed: dict[str, Any], settings: FedSettings, reference: bool, t0: float) -> dict[str, Any]:
     from fedit.federation import report as R
 
     ref = None
     if reference and settings.evaluate:
-        from fedit.models.loading import load_model
-
-        lm = load_model(settings.model, device=settings.device or None, dtype=settings.dtype or None,
-                        cache_dir=settings.cache_dir or None)
-        records = {f"client-{i}": client_records(settings, i, settings.clients) for i in range(settings.clients)}
-        if set(records) != set(fed["clients"]):
-            log.warning("clients %s are not client-0..N-1: no centralised reference", fed["clients"])
-        else:
-            ref = R.centralised_reference(lm, records, settings, zs=stored_targets(settings))
+        ref = _reference(fed, settings)
     report = R.build(fed, ref, time.perf_counter() - t0)
     report["files"] = R.write(report, settings.out)
     return report

@@ -18,6 +18,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedit import progress
 from fedit.collab.app import task
 from fedit.collab.app.exchange import FlowerExchange
 from fedit.collab.client import CollabError
@@ -75,6 +76,7 @@ def make_server_app(settings: CollabSettings | None = None, lm=None, res=None,
     app = ServerApp()
 
     @app.main()
+    @progress.bind  # Flower's simulation calls main from a thread of its own: report to our caller's bars
     def main(grid: Grid, context: Context) -> None:
         s = task.settings_for(context.run_config, settings)
         try:

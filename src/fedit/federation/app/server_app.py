@@ -20,6 +20,7 @@ from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedit.federation import resume
+from fedit import progress
 from fedit.federation.app import task
 from fedit.federation.app.messages import batch_content, batch_from
 from fedit.federation.fededit import FedEditServer, average_updates
@@ -93,7 +94,8 @@ def _fededit(grid: Grid, s: FedSettings, roster: Roster, catching_up: bool = Fal
         server = FedEditServer(store, tau=s.tau)
         for n in roster.nodes:
             server.register(roster.ids[n])
-        result: dict[str, Any] = {"slots": [_slot(grid, roster, server, t, catching_up) for t in range(s.slots)],
+        result: dict[str, Any] = {"slots": [_slot(grid, roster, server, t, catching_up)
+                                            for t in progress.each(range(s.slots), "FedEdit slots", unit="slot")],
                                   "mkvs_stored": store.count()}
     finally:
         store.close()
@@ -108,7 +110,7 @@ def _fedavg(grid: Grid, s: FedSettings, roster: Roster) -> dict[str, Any]:
     t0 = time.perf_counter()
     glob: dict[str, torch.Tensor] = {}
     rounds = []
-    for slot in range(s.slots):
+    for slot in progress.each(range(s.slots), "FedAvg baseline slots", unit="slot"):
         replies = roster.ask(grid, "query.fedavg", lambda n: _with_global([n], glob, slot=slot)[n], f"fedavg{slot}",
                              slot=slot, baseline="fedavg")
         avg = average_updates([to_tensors(replies[n]["update"]) for n in replies])
@@ -173,6 +175,7 @@ def make_server_app(settings: FedSettings | None = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
+    @progress.bind  # Flower's simulation calls main from a thread of its own: report to our caller's bars
     def main(grid: Grid, context: Context) -> None:
         s = task.settings_for(context.run_config, settings)
         try:
