@@ -98,11 +98,8 @@ def _drop_mod(extra: dict[int, dict] | None):
     return mod
 
 
-def make_client_app(settings: CollabSettings | None = None, node_configs: dict[int, dict] | None = None) -> ClientApp:
-    """The ClientApp; ``settings`` None: from the run config (``flwr run``); ``node_configs``:
-    partition-id → what that node's own config holds besides (see the module docstring)."""
-    app = ClientApp()
-    extra = node_configs
+def _salt_handlers(app: ClientApp) -> None:
+    """The three steps of the clients' salt agreement (``collab.keys``)."""
 
     @app.query("keys")
     def public_key(msg: Message, context: Context) -> Message:
@@ -128,6 +125,15 @@ def make_client_app(settings: CollabSettings | None = None, node_configs: dict[i
         salt = keys.open_sealed(_secret(context)["sk"], bytes.fromhex(str(cfg["from"])), bytes.fromhex(str(cfg["sealed"])))
         _keep_secret(context, salt=salt)
         return _reply(msg, {"ok": True})
+
+
+def make_client_app(settings: CollabSettings | None = None, node_configs: dict[int, dict] | None = None) -> ClientApp:
+    """The ClientApp; ``settings`` None: from the run config (``flwr run``); ``node_configs``:
+    partition-id → what that node's own config holds besides (see the module docstring)."""
+    app = ClientApp()
+    extra = node_configs
+
+    _salt_handlers(app)
 
     @app.query("digest")
     def digest(msg: Message, context: Context) -> Message:

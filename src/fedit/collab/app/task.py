@@ -94,9 +94,8 @@ def shapes(c: CollabClient) -> dict[int, tuple[int, int]]:
 
 def prepare(c: CollabClient, rnd: int, keep: list[int]) -> dict[str, Any]:
     """Edit the kept facts on the model as it is; what the server may learn about it."""
-    p = c.prepare(rnd, keep)
-    recs = c.round_records(rnd)
-    return {"used": p.used, "vanished": [recs[i].request.case_id for i in p.vanished], "seconds": p.seconds,
+    p = c.prepare(rnd, keep)  # vanished facts by index into the round's list: a case id would name the fact
+    return {"used": p.used, "vanished": list(p.vanished), "seconds": p.seconds,
             "exponents": exponents(c.shared_stats(rnd, p), c.hp.layers, shapes(c))}
 
 
