@@ -18,7 +18,7 @@ HP = {**FAST, "v_lr": 1.0, "clamp_norm_factor": 8.0, "mom2_update_weight": 10.0,
 
 # --- the digest salt: agreed between the clients, never seen by the server -------------------
 def _message(kind: str, values: dict, node: int):
-    from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+    from flwr.app import ConfigRecord, Metadata, RecordDict
     from flwr.app.message import make_message
 
     meta = Metadata(run_id=1, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=node,

@@ -37,7 +37,7 @@ class FlowerExchange:
         self._exponents: list[dict[str, int]] = []
         self._counts: dict[int, int] = {}  # facts per node in the prepared edit
         self._salted = False
-        self.left_out: dict[int, list[str]] = {}  # round -> clients SecAgg+ left out of the sum (dropped)
+        self.left_out: dict[int, list[str]] = {}  # round -> clients left out of the current method's sum
 
     def _ask(self, kind: str, values, state: CollabState | None = None,
              delta: dict[int, torch.Tensor] | None = None) -> dict[int, RecordDict]:
@@ -121,18 +121,22 @@ class FlowerExchange:
         if info["dropped"]:  # the lower layers already hold its facts: a partial sum would not be MEMIT
             raise CollabError(f"clients {[self.ids[n] for n in info['dropped']]} dropped out at layer {l}.",
                               "the layer-sequential form needs every client at every layer; rerun the round.")
-        self.secure_log.append({"method": "collabedit", "round": rnd + 1, "layer": l, **info})
+        self.secure_log.append({"method": "collabedit", "round": rnd + 1, "layer": l, **self._named(info)})
         return total[l]
 
+    def _named(self, info: dict[str, Any]) -> dict[str, Any]:
+        """A SecAgg+ log entry naming clients, not node ids."""
+        return {**info, "summed": [self.ids[n] for n in info["summed"]], "dropped": [self.ids[n] for n in info["dropped"]]}
+
     def _log(self, rnd: int, info: dict[str, Any]) -> None:
-        """Keep the SecAgg+ log entry, naming clients (not node ids), and who was left out."""
-        info = {**info, "summed": [self.ids[n] for n in info["summed"]], "dropped": [self.ids[n] for n in info["dropped"]]}
+        """Keep the SecAgg+ log entry, and who was left out of this round's sum."""
+        info = self._named(info)
         self.left_out[rnd] = info["dropped"]
         self.secure_log.append({"method": "collabedit", "round": rnd + 1, **info})
 
     def left_out_by_round(self) -> dict[str, list[str]]:
         """{round (1-based): clients dropped out of its secure sum}, rounds with a dropout only."""
-        return {str(r + 1): c for r, c in sorted(self.left_out.items()) if c}
+        return {str(e["round"]): e["dropped"] for e in self.secure_log if e.get("dropped")}
 
     def dropped(self, rnd: int) -> list[str]:
         """Clients whose statistics are not in round ``rnd``'s sum (dropped out during SecAgg+)."""
