@@ -131,21 +131,19 @@ def make_client_app(settings: CollabSettings | None = None, node_configs: dict[i
     """The ClientApp; ``settings`` None: from the run config (``flwr run``); ``node_configs``:
     partition-id → what that node's own config holds besides (see the module docstring)."""
     app = ClientApp()
-    extra = node_configs
-
     _salt_handlers(app)
 
     @app.query("digest")
     def digest(msg: Message, context: Context) -> Message:
-        c = _open(context, settings, extra)
+        c = _open(context, settings, node_configs)
         ds = c.digests(int(msg.content.config_records["collab"]["round"]))
         _save(c, context)
-        return _reply(msg, {"client": c.id, "order": int(_node(context, extra).get("partition-id", 0)), "keys": [d.key for d in ds], "targets": [d.target for d in ds],
+        return _reply(msg, {"client": c.id, "order": int(_node(context, node_configs).get("partition-id", 0)), "keys": [d.key for d in ds], "targets": [d.target for d in ds],
                             "fingerprint": c.model.lm.identity()["fingerprint"]})
 
     @app.query("prepare")
     def prepare(msg: Message, context: Context) -> Message:
-        c = _open(context, settings, extra)
+        c = _open(context, settings, node_configs)
         _, rnd, keep = _asked(msg, c)
         out = task.prepare(c, rnd, keep)
         _save(c, context)
@@ -153,7 +151,7 @@ def make_client_app(settings: CollabSettings | None = None, node_configs: dict[i
                             "seconds": float(out["seconds"]), "exponents": json.dumps(out["exponents"])})
 
     def tensors_reply(msg: Message, context: Context, what) -> Message:
-        c = _open(context, settings, extra)
+        c = _open(context, settings, node_configs)
         n, arrays = what(c, *_asked(msg, c)[1:])
         _save(c, context)
         return _reply(msg, {"n": n}, arrays)
@@ -171,7 +169,7 @@ def make_client_app(settings: CollabSettings | None = None, node_configs: dict[i
         """Layer-sequential form: the statistics at one edited layer, on the model with the merged
         layers below; with SecAgg+ only their exponents (the tensors wait for the secure sum)."""
         s = task.settings_for(context.run_config, settings)
-        c = _open(context, settings, extra)
+        c = _open(context, settings, node_configs)
         cfg = msg.content.config_records["collab"]
         task.at_state(c, str(cfg["layer_version"]), arrays_to_layers(msg.content.array_records.get("state")))
         n, arrays, exps = task.layer_arrays(c, str(cfg["version"]), int(cfg["round"]), json.loads(str(cfg["keep"])),
@@ -183,20 +181,20 @@ def make_client_app(settings: CollabSettings | None = None, node_configs: dict[i
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        c = _open(context, settings, extra)
+        c = _open(context, settings, node_configs)
         cfg = msg.content.config_records["collab"]
         task.at_state(c, str(cfg["version"]), arrays_to_layers(msg.content.array_records.get("state")))
         applied = {int(k): v for k, v in json.loads(str(cfg["applied"])).items()}
         out = task.evaluate(c, int(cfg["upto"]), applied)
         return _reply(msg, {"metrics": json.dumps({str(k): v for k, v in out.items()})})
 
-    @app.train(mods=[_drop_mod(extra), secaggplus_mod])
+    @app.train(mods=[_drop_mod(node_configs), secaggplus_mod])
     def train(msg: Message, context: Context) -> Message:
         """SecAgg+'s collect stage: this client's statistics as exact integer limbs."""
         import flwr.compat.common.recorddict_compat as compat
         from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
-        c = _open(context, settings, extra)
+        c = _open(context, settings, node_configs)
         fit = compat.recorddict_to_fitins(msg.content, keep_input=True).config
         exps = json.loads(str(fit["exponents"]))
         if int(fit.get("step", -1)) >= 0:  # layer-sequential form: what query.layer measured
