@@ -194,3 +194,40 @@ def test_cli_dp_run_reports_its_guarantee_and_moves_away_from_the_exact_edit(tin
     assert p["contributors"] == 2 and math.isclose(p["mu"], 4.0) and p["epsilon"] == epsilon(4.0, 1e-5)
     assert out["vs_reference"]["collabedit"]["relative"] > 1e-3  # noise and clipping moved the edit
     assert "Differential privacy of the sums" in (tmp_path / "dp" / "report.md").read_text()
+
+
+def test_the_round_loop_leaves_a_dropped_clients_facts_unapplied():
+    """What ``rounds.run_round`` does with the clients an exchange reports as dropped out of the
+    secure sum: the merge uses the sum it got, their facts are neither applied nor remembered."""
+    from fedit.collab import CollabConfig, CollabState, FactDigest
+    from fedit.collab.rounds import Edited, Solver, run_round
+
+    g = torch.Generator().manual_seed(0)
+    K = {c: torch.randn(2, 5, generator=g, dtype=torch.float64) for c in ("c0", "c1")}
+    R = {c: torch.randn(2, 3, generator=g, dtype=torch.float64) for c in ("c0", "c1")}
+
+    class OneDrops:
+        def digests(self, rnd):
+            return {c: [FactDigest(f"{c}k{i}", f"{c}t{i}") for i in range(2)] for c in ("c0", "c1")}
+
+        def prepare(self, rnd, keep, state):
+            return {c: Edited([0, 1], []) for c in keep}
+
+        def summed_stats(self, rnd, keep, state):  # c1's vector never arrived
+            return {7: LayerSums.of(K["c0"], R["c0"])}
+
+        def dropped(self, rnd):
+            return ["c1"]
+
+        def evaluate(self, rnd, state, applied):
+            self.applied = applied
+            return {"c0": {}, "c1": {}}
+
+    ex, st = OneDrops(), CollabState()
+    solver = Solver({7: torch.eye(5, dtype=torch.float64)}, 2.0, [7])
+    entry, _ = run_round(0, "collabedit", ex, st, {}, CollabConfig(), solver)
+    want = R["c0"].T @ K["c0"] @ torch.linalg.inv(2.0 * torch.eye(5, dtype=torch.float64) + K["c0"].T @ K["c0"])
+    assert torch.allclose(st.delta[7], want, atol=1e-12)  # c0's facts alone
+    assert ex.applied == {"c0": {0: [0, 1]}, "c1": {0: []}}
+    assert sorted(st.applied) == ["c0k0", "c0k1"]  # c1 may send its facts again next round
+    assert entry["edited"] == 2 and entry["clients"]["c1"]["dropped"] and "dropped" not in entry["clients"]["c0"]
