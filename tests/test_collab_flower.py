@@ -84,24 +84,28 @@ def test_cli_errors_are_json(model_dir, tmp_path, capsys):
     assert code == 2 and "unknown merge" in out["error"]
     code, out = _run(capsys, _argv(model_dir, tmp_path, "--engine", "local", "--secagg", "--out", str(tmp_path / "o")))
     assert code == 2 and "Flower engine" in out["error"]
+    code, out = _run(capsys, _argv(model_dir, tmp_path, "--clients", "1", "--out", str(tmp_path / "o")))
+    assert code == 2 and "SecAgg+ needs 2" in out["error"] and "--no-secagg" in out["error"]
     code, out = _run(capsys, _argv(model_dir, tmp_path, "--clients", "2", "--per-client", "400",
                                    "--out", str(tmp_path / "o")))
     assert code == 2 and "distinct records" in out["error"]
 
 
 def test_cli_flower_simulation_with_secagg(model_dir, tmp_path, capsys, monkeypatch):
-    """Two merge methods, two rounds, three client nodes, CollabEdit's sums through SecAgg+."""
+    """Two merge methods, two rounds, three client nodes, CollabEdit's sums through SecAgg+ (the
+    default: no --secagg given)."""
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
     monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
     code, out = _run(capsys, _argv(model_dir, tmp_path, "--clients", "3", "--rounds", "2", "--per-client", "3",
-                                   "--overlap", "0.34", "--merge", "collabedit,task-arithmetic", "--secagg",
+                                   "--overlap", "0.34", "--merge", "collabedit,task-arithmetic",
                                    "--no-layerwise-reference", "--out", str(tmp_path / "fl")))
     assert code == 0 and out["engine"] == "flower" and out["secagg"]
     assert out["duplicates"] == 6 and out["conflicts"] == 0
     report = json.loads((tmp_path / "fl" / "report.json").read_text())
     assert report["clients"] == ["c0", "c1", "c2"]
     sa = report["secure_aggregation"]
-    assert [s["round"] for s in sa] == [1, 2] and all(s["clients"] == 3 for s in sa)
+    assert [s["round"] for s in sa] == [1, 2] and all(s["clients"] == 3 and not s["dropped"] for s in sa)
+    assert out["dropped_out"] == {} and out["privacy"] is None
     # Merged in the server from masked sums, the edit is global MEMIT over the union computed
     # elsewhere (this process): equal up to the noise of optimising the targets twice.
     assert report["runs"]["collabedit"]["rounds"][0]["vs_reference"]["relative"] < 1e-4

@@ -4,7 +4,8 @@
         --merge collabedit,task-arithmetic,average,ties,fedavg --out runs/collab
 
 By default the clients and the server are Flower apps in Flower's simulation engine
-(``--engine flower``; ``--secagg`` sends the statistics through SecAgg+); ``--engine local``
+(``--engine flower``; CollabEdit's statistics go through SecAgg+ unless ``--no-secagg``; ``--dp-noise``
+adds differential privacy to them); ``--engine local``
 runs the same protocol in this process, sharing edit vectors between merge methods.
 """
 
@@ -62,7 +63,16 @@ def register(sub) -> None:
                    help="CollabEdit's exchange: base (one per round, the paper's) or layerwise (one per edited layer)")
     r.add_argument("--engine", default="flower", choices=ENGINES,
                    help="flower: clients and server as Flower apps in Flower's simulation; local: in this process")
-    r.add_argument("--secagg", action="store_true", help="flower engine: sum CollabEdit's statistics with SecAgg+")
+    r.add_argument("--no-secagg", action="store_true",
+                   help="flower engine: send CollabEdit's statistics one by one instead of through SecAgg+ (on by default)")
+    r.add_argument("--secagg", action="store_true", help="accepted for old commands: SecAgg+ is on by default")
+    r.add_argument("--dp-noise", type=float, default=S.dp_noise, metavar="Z",
+                   help="differential privacy of CollabEdit's sums: Gaussian noise multiplier (0: off)")
+    r.add_argument("--dp-clip-key", type=float, default=S.dp_clip_key, metavar="C",
+                   help="DP: bound on each fact's key norm at every edited layer")
+    r.add_argument("--dp-clip-resid", type=float, default=S.dp_clip_resid, metavar="C",
+                   help="DP: bound on each fact's residual norm at every edited layer")
+    r.add_argument("--dp-delta", type=float, default=S.dp_delta, help="DP: the δ the reported ε is for")
     r.add_argument("--no-reference", action="store_true", help="skip global MEMIT over the union (the reference)")
     r.add_argument("--no-layerwise-reference", action="store_true", help="skip the layer-by-layer MEMIT reference")
     r.add_argument("--seed", type=int, default=0, help="seed for the targets of injected conflicts")
@@ -107,8 +117,17 @@ def run(args) -> int:
                        dataset="zsre" if args.dataset == "zsre" else "counterfact", form=args.form)
     if args.priority and cfg.conflict_policy != "priority":
         raise FeditError("--priority is only used with --conflict-policy priority.", "add --conflict-policy priority.")
-    if args.secagg and args.engine != "flower":
-        raise FeditError("--secagg needs the Flower engine.", "drop --engine local or --secagg.")
+    if args.secagg and (args.engine != "flower" or args.no_secagg):
+        raise FeditError("--secagg needs the Flower engine (and contradicts --no-secagg).",
+                         "drop --engine local or --secagg; SecAgg+ is on by default with the Flower engine.")
+    secagg = args.engine == "flower" and not args.no_secagg and "collabedit" in cfg.merges
+    from fedit.collab.secure import MAX_CLIENTS
+
+    if secagg and not 2 <= args.clients <= MAX_CLIENTS:
+        raise FeditError(f"SecAgg+ needs 2 to {MAX_CLIENTS} clients, got {args.clients}.",
+                         "run with more clients, or add --no-secagg (or --engine local).")
+    cfg.dp = _dp(args, secagg)
+    cfg.__post_init__()  # DP covers CollabEdit's base form only
     per = per_round(args)
     common.sets_from(args, "memit")  # refuse a bad --set before loading the model
     n_own = per - round(args.overlap * per) - round(args.conflict * per)
@@ -131,10 +150,16 @@ def run(args) -> int:
         report = run_collab(lm, plan, hp, res, cfg, progress=say)
     else:
         report = _run_flower(args, lm, plan, hp, res, cfg, overrides, say)
+    if cfg.dp is not None:
+        from fedit.collab.privacy import accounting
+
+        report["privacy"] = accounting(cfg.dp, len(hp.layers))
     report.update(per_client=per, dataset=args.dataset, model=lm.name, overlap=args.overlap, conflict=args.conflict,
                   seconds_total=round(time.perf_counter() - t0, 3), provenance=prov)
     files = write(report, args.out)
-    out = {"engine": report["engine"], "secagg": bool(report.get("secagg")), "model": lm.name, "clients": args.clients,
+    out = {"engine": report["engine"], "secagg": bool(report.get("secagg")), "privacy": report.get("privacy"),
+           "dropped_out": report.get("dropped_out") or {},
+           "model": lm.name, "clients": args.clients,
            "rounds": args.rounds, "per_client": per, "records_per_client": per * args.rounds,
            "merges": list(cfg.merges),
            "duplicates": report["duplicates_total"], "conflicts": report["conflicts_total"],
@@ -145,6 +170,19 @@ def run(args) -> int:
            "seconds": report["seconds_total"], "files": files, "provenance": prov}
     common.emit(args, out, markdown(report) + f"\nwritten: {files['json']}, {files['md']}, {files['chart']}")
     return 0
+
+
+def _dp(args, secagg: bool):
+    """The DP mechanism the flags ask for (None without --dp-noise), checked before any work."""
+    if not args.dp_noise:
+        return None
+    from fedit.collab.settings import CollabSettings, threshold_count
+
+    S = CollabSettings
+    t = threshold_count(args.clients, S.secagg_shares, S.secagg_threshold) if secagg else args.clients
+    from fedit.collab.privacy import DPConfig
+
+    return DPConfig(args.dp_noise, args.dp_clip_key, args.dp_clip_resid, args.dp_delta, t)
 
 
 def _run_flower(args, lm, plan, hp, res, cfg, overrides, say):
@@ -162,5 +200,6 @@ def _run_flower(args, lm, plan, hp, res, cfg, overrides, say):
                        merge=",".join(cfg.merges), conflict_policy=cfg.conflict_policy,
                        priority=",".join(cfg.priority or []), ties_density=cfg.ties_density,
                        ties_scale=cfg.ties_scale, c1=cfg.c1, c1_weight=cfg.c1_weight, residual_tol=cfg.residual_tol,
-                       secagg=args.secagg, form=cfg.form)
+                       secagg=not args.no_secagg, form=cfg.form, dp_noise=args.dp_noise, dp_clip_key=args.dp_clip_key,
+                       dp_clip_resid=args.dp_clip_resid, dp_delta=args.dp_delta)
     return run_flower(s, cfg, lm, plan, hp, res, say)

@@ -90,6 +90,8 @@ class CollabClient:
         self.kept: dict[int, list[int]] = {}  # round -> indices applied (after vanishing)
         self._cache: dict[tuple, Prepared] = {}
         self._pre: dict[int, list[dict]] = {}  # round -> raw scores on the base model
+        self.dp = None  # privacy.DPConfig: share clipped, noisy sums (None: the exact sums)
+        self.noise_seed = b""  # this client's secret for its DP noise (never leaves it)
 
     def round_records(self, rnd: int) -> list:
         if not 0 <= rnd < len(self.records):
@@ -125,6 +127,19 @@ class CollabClient:
         out = Prepared(self.model.version, used, vanished, vec, time.perf_counter() - t0, targets)
         self._cache[ck] = out
         return out
+
+    def shared_stats(self, rnd: int, p: Prepared) -> dict[int, LayerSums]:
+        """What this client shares of ``p`` (round ``rnd``): its sums R Kᵀ, K Kᵀ, or with ``dp`` set
+        the sums of clipped vectors plus Gaussian noise at every edited layer (``collab.privacy``)."""
+        if self.dp is None:
+            return p.stats()
+        from fedit.collab.privacy import release
+
+        if not self.noise_seed:
+            raise CollabError(f"client {self.id} has no secret to seed its DP noise.", "set noise_seed (random bytes).")
+        shapes = {l: self.model.lm.adapter.w_out_dims(l) for l in self.hp.layers}
+        return release(p.vectors, list(self.hp.layers), shapes, self.dp, self.noise_seed,
+                       f"{p.version}/{rnd}/{p.used}")
 
     def forget_cache(self) -> None:
         self._cache.clear()

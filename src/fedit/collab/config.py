@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedit.collab.merge import MERGES, MergeConfig, MergeError
+from fedit.collab.privacy import DPConfig
 from fedit.collab.protocol import POLICIES, ProtocolError
 
 # "base": one exchange of statistics per round, all measured on the published model (the
@@ -30,6 +31,7 @@ class CollabConfig:
     layerwise_reference: bool = True  # and MEMIT as published, with the same z
     dataset: str = "counterfact"
     form: str = "base"  # CollabEdit's form, one of FORMS (the baselines always merge base-form updates)
+    dp: DPConfig | None = None  # clipped, noisy sums for CollabEdit (``collab.privacy``)
     salt: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
 
     def __post_init__(self):
@@ -42,6 +44,9 @@ class CollabConfig:
             raise ProtocolError(f"unknown conflict policy {self.conflict_policy!r}.", f"use one of {', '.join(POLICIES)}.")
         if self.form not in FORMS:
             raise MergeError(f"unknown form {self.form!r}.", f"use one of {', '.join(FORMS)}.")
+        if self.dp is not None and (self.form != "base" or set(self.merges) != {"collabedit"}):
+            raise MergeError("differential privacy covers CollabEdit's sums in the base form only.",
+                             "run --merge collabedit --form base with DP (the baselines send each client's Δ in clear).")
         if self.c1_weight < 0:
             raise MergeError(f"c1_weight must be ≥ 0, got {self.c1_weight}.", "use 1 (the global solve).")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any, Callable
 
@@ -56,7 +57,7 @@ class LocalExchange:
                 for c, p in zip(self.clients, self._prepared.values())}
 
     def summed_stats(self, rnd, keep, state):
-        return sum_stats([p.stats() for p in self._prepared.values()])
+        return sum_stats([c.shared_stats(rnd, p) for c, p in zip(self.clients, self._prepared.values())])
 
     def updates(self, rnd, keep, state):
         stats = [p.stats() for p in self._prepared.values()]
@@ -95,6 +96,8 @@ def run_collab(lm, plan: dict[str, list[list]], hparams, resources, cfg: CollabC
     published = PublishedModel(lm)
     clients = [CollabClient(c, published, hp, resources, recs, cfg.salt, cfg.residual_tol, cfg.dataset)
                for c, recs in plan.items()]
+    for c in clients:
+        c.dp, c.noise_seed = cfg.dp, os.urandom(32)
     try:
         say("measuring every fact on the base model")
         for c in _each(clients, "base-model measurement"):

@@ -113,8 +113,8 @@ def _layer_by_layer(ex: Exchange, rnd: int, keep: dict[str, list[int]], st: Coll
     return total, delta
 
 
-def _kept_facts(subs: dict[str, list[FactDigest]], res: Resolution) -> dict[str, str]:
-    return {subs[c][i].key: subs[c][i].target for c in subs for i in res.keep[c]}
+def _kept_facts(subs: dict[str, list[FactDigest]], res: Resolution, left_out: set[str]) -> dict[str, str]:
+    return {subs[c][i].key: subs[c][i].target for c in subs if c not in left_out for i in res.keep[c]}
 
 
 def run_round(rnd: int, method: str, ex: Exchange, st: CollabState, applied: Applied, cfg: CollabConfig,
@@ -140,14 +140,17 @@ def run_round(rnd: int, method: str, ex: Exchange, st: CollabState, applied: App
     t_merge = time.perf_counter() - t1
     stages.update(1, stage="evaluate")
     c1 = cfg.c1 and method == "collabedit"
-    st.apply(delta, total or None, _kept_facts(subs, res), c1=c1, c1_weight=cfg.c1_weight, version=f"{method}@{rnd + 1}")
+    out = set(ex.dropped(rnd)) if method == "collabedit" and hasattr(ex, "dropped") else set()  # SecAgg+ dropouts
+    st.apply(delta, total or None, _kept_facts(subs, res, out), c1=c1, c1_weight=cfg.c1_weight,
+             version=f"{method}@{rnd + 1}")
     for c in subs:
-        applied.setdefault(c, {})[rnd] = list(edited[c].used) if delta else []
+        applied.setdefault(c, {})[rnd] = list(edited[c].used) if delta and c not in out else []
     t2 = time.perf_counter()
     evals = ex.evaluate(rnd, st, applied)
     stages.update(1)
-    counts = {c: {"submitted": len(subs[c]), "kept": len(res.keep[c]), "used": len(edited[c].used),
-                  "vanished": list(edited[c].vanished), "seconds": round(edited[c].seconds, 3)} for c in subs}
+    counts = {c: {"submitted": len(subs[c]), "kept": len(res.keep[c]), "used": 0 if c in out else len(edited[c].used),
+                  "vanished": list(edited[c].vanished), "seconds": round(edited[c].seconds, 3),
+                  **({"dropped": True} if c in out else {})} for c in subs}
     seconds = {"vectors": sum(e.seconds for e in edited.values()), "merge": t_merge,
                "eval": time.perf_counter() - t2, "round": time.perf_counter() - t0}
     extra = {"delta_norm": {str(l): float(d.norm()) for l, d in st.delta.items()}}

@@ -15,6 +15,8 @@ from typing import Any
 from fedit.collab.client import CollabError
 from fedit.collab.config import CollabConfig
 from fedit.collab.merge import MERGES
+from fedit.collab.privacy import DEFAULT_CLIP_KEY, DEFAULT_CLIP_RESID, DPConfig
+from fedit.collab.secure import MAX_CLIENTS
 from fedit.federation.settings import RunSettings, SettingsError
 
 
@@ -41,10 +43,17 @@ class CollabSettings(RunSettings):
     c1_weight: float = 1.0
     residual_tol: float = 1e-6
     form: str = "base"  # CollabEdit's form: base (one exchange per round) or layerwise (one per layer)
-    secagg: bool = False
-    secagg_shares: float = 1.0  # fraction of the other clients each client shares its secrets with
-    secagg_threshold: float = 0.67  # fraction of shares that reconstruct a dropped client's secret
-    # the digest salt, hex: shared by the clients, better set per SuperNode (--node-config salt=…)
+    # SecAgg+ (Flower engine, CollabEdit's sums): on unless switched off
+    secagg: bool = True
+    secagg_shares: float = 1.0  # fraction of the clients each client shares its mask secrets with
+    secagg_threshold: float = 0.67  # fraction of those shares that reconstruct a dropped client's masks
+    # differential privacy of CollabEdit's sums (collab/privacy.py): off while dp-noise is 0
+    dp_noise: float = 0.0  # noise multiplier z
+    dp_clip_key: float = DEFAULT_CLIP_KEY  # C_k: per-fact key norm bound, every edited layer
+    dp_clip_resid: float = DEFAULT_CLIP_RESID  # C_r: per-fact residual norm bound
+    dp_delta: float = 1e-5
+    # no salt here: the run config is visible to the server (the clients agree one, or each
+    # SuperNode is given the same with --node-config salt=…); a non-empty value is refused
     salt: str = ""
     # where the report goes (on the machine that runs the ServerApp)
     out: str = "fedit-collab-out"
@@ -56,6 +65,22 @@ class CollabSettings(RunSettings):
             raise SettingsError(f"clients, rounds and per-client must be ≥ 1 (got {self.clients}, {self.rounds}, "
                                 f"{self.per_client}).", "pass positive numbers.")
         self.hparam_overrides()
+        if self.salt:
+            raise SettingsError("a digest salt in the run config would be visible to the server.",
+                                "drop salt from the run config: the clients agree one, or give each SuperNode "
+                                "the same secret with --node-config \"salt='<hex>'\".")
+        if self.secagg and "collabedit" in self.merges and not 2 <= self.clients <= MAX_CLIENTS:
+            raise SettingsError(f"SecAgg+ needs 2 to {MAX_CLIENTS} clients, got {self.clients}.",
+                                "run with more clients, or switch SecAgg+ off (--no-secagg / secagg=false).")
+        self.dp()  # validates
+
+    def dp(self) -> DPConfig | None:
+        """The DP mechanism of the run, or None (dp-noise 0). Each client's noise share assumes the
+        fewest clients whose sum can be released: SecAgg+'s reconstruction threshold, else all."""
+        if not self.dp_noise:
+            return None
+        t = threshold_count(self.clients, self.secagg_shares, self.secagg_threshold) if self.secagg else self.clients
+        return DPConfig(self.dp_noise, self.dp_clip_key, self.dp_clip_resid, self.dp_delta, t)
 
     @property
     def merges(self) -> tuple[str, ...]:
@@ -68,19 +93,28 @@ class CollabSettings(RunSettings):
                             ties_density=self.ties_density, ties_scale=self.ties_scale, c1=self.c1,
                             c1_weight=self.c1_weight, residual_tol=self.residual_tol, reference=False,
                             layerwise_reference=False, dataset="zsre" if self.dataset == "zsre" else "counterfact",
-                            form=self.form, salt=salt)
+                            form=self.form, salt=salt, dp=self.dp())
 
-    def salt_bytes(self, node_config: dict[str, Any]) -> bytes:
-        """The digest salt: the node's own (``salt`` in its node config) or the run's."""
-        text = str(node_config.get("salt", "") or self.salt)
+    def node_salt(self, node_config: dict[str, Any]) -> bytes | None:
+        """The digest salt this node was given in its own node config (hex), or None."""
+        text = str(node_config.get("salt", "") or "")
         if not text:
-            raise CollabError("no salt for the fact digests.",
-                              "give every SuperNode the same secret: --node-config \"salt='<hex>'\" "
-                              "(e.g. from `python -c 'import os; print(os.urandom(32).hex())'`).")
+            return None
         try:
             return bytes.fromhex(text)
         except ValueError as e:
-            raise CollabError(f"the salt {text[:8]}… is not hexadecimal.", "give the salt as hex digits.") from e
+            raise CollabError(f"the node's salt {text[:4]}… is not hexadecimal.", "give the salt as hex digits.") from e
+
+
+def threshold_count(clients: int, shares: float, threshold: float) -> int:
+    """How many clients SecAgg+ needs to release a sum: Flower's reconstruction threshold for
+    ``clients`` sampled nodes (``SecAggPlusWorkflow.setup_stage``), as a count."""
+    n_shares = round(shares * clients)
+    if n_shares < clients and n_shares % 2 == 0:
+        n_shares += 1
+    if n_shares <= 2:
+        n_shares = clients
+    return max(round(threshold * n_shares), 2)
 
 
 @lru_cache(maxsize=4)

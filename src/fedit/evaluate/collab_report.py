@@ -153,8 +153,15 @@ def _md_time(report: dict[str, Any]) -> list[str]:
         for s in report["secure_aggregation"]:
             lines.append(f"- {s['method']} round {s['round']}: {s['clients']} clients, {s['values']:,} integers summed "
                          f"in {s['seconds']} s; largest distance of a sum from an integer "
-                         f"{s['max_distance_from_integer']:.1e}")
+                         f"{s['max_distance_from_integer']:.1e}"
+                         + (f"; dropped out, not in the sum: {', '.join(s['dropped'])}" if s.get("dropped") else ""))
         lines.append("")
+    if report.get("privacy"):
+        p = report["privacy"]
+        lines += ["## Differential privacy of the sums", "",
+                  f"Gaussian mechanism per fact: noise multiplier {p['noise_multiplier']}, clipping ‖k‖ ≤ {p['clip_key']}, "
+                  f"‖r‖ ≤ {p['clip_resid']}, {p['layers']} layers: μ = {p['mu']:.3g}-GDP, "
+                  f"(ε, δ) = ({p['epsilon']:.3g}, {p['delta']:.0e}).", ""]
     return lines
 
 

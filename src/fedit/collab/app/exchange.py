@@ -16,7 +16,7 @@ from fedit.collab.rounds import ClientsLost, Edited
 from fedit.collab.secure import NO_EXPONENT
 from fedit.collab.settings import CollabSettings
 from fedit.collab.state import CollabState, add_layers
-from fedit.federation.flower import Roster, layers_to_arrays, to_tensors
+from fedit.federation.flower import Roster, ask, layers_to_arrays, to_tensors
 from fedit.methods.vectors import LayerSums
 
 
@@ -35,9 +35,11 @@ class FlowerExchange:
         self.secure_log: list[dict[str, Any]] = []
         self._keep: dict[str, list[int]] = {}
         self._exponents: list[dict[str, int]] = []
-        self._n = 0
         self.roster = Roster(nodes, self.ids, fail=_fail)  # who is still answering; who went missing where
         self._rnd = 0
+        self._counts: dict[int, int] = {}  # facts per node in the prepared edit
+        self._salted = False
+        self.left_out: dict[int, list[str]] = {}  # round -> clients left out of the current method's sum
 
     def _ask(self, kind: str, values, state: CollabState | None = None,
              delta: dict[int, torch.Tensor] | None = None) -> dict[int, RecordDict]:
@@ -59,8 +61,25 @@ class FlowerExchange:
     def _asked(self, rnd: int, state: CollabState):
         return lambda nid: {"round": rnd, "keep": json.dumps(self._keep[self.ids[nid]]), "version": state.version}
 
+    def _agree_salt(self) -> None:
+        """The clients agree a digest salt (``collab.keys``); this server relays only public keys
+        and sealed salts. The leader is the node with the lowest id."""
+        got = self._ask("query.keys", {})
+        publics = {nid: str(r.config_records["collab"]["public"]) for nid, r in got.items()}
+        leader = min(got)
+        others = [n for n in got if n != leader]
+        keys = ConfigRecord({"keys": json.dumps({str(n): publics[n] for n in others})})
+        sealed = ask(self.grid, [leader], "query.seal", {leader: RecordDict({"collab": keys})}, group="query.seal",
+                     fail=_fail)[leader].config_records["collab"]["sealed"]
+        boxes = json.loads(str(sealed))
+        ask(self.grid, others, "query.open", {n: RecordDict({"collab": ConfigRecord({"from": publics[leader], "sealed": boxes[str(n)]})})
+                                              for n in others}, group="query.open", fail=_fail)
+        self._salted = True
+
     def digests(self, rnd: int) -> dict[str, list[FactDigest]]:
         self._rnd = rnd
+        if not self._salted:
+            self._agree_salt()
         got = {nid: r.config_records["collab"] for nid, r in self._ask("query.digest", {"round": rnd}).items()}
         self.ids = self.roster.ids = {nid: str(c["client"]) for nid, c in got.items()}
         prints = {str(c["fingerprint"]) for c in got.values()}
@@ -73,20 +92,21 @@ class FlowerExchange:
 
     def prepare(self, rnd: int, keep: dict[str, list[int]], state: CollabState) -> dict[str, Edited]:
         self._keep = keep
+        self.left_out.pop(rnd, None)
         got = self._ask("query.prepare", self._asked(rnd, state), state)
         cfgs = {self.ids[nid]: r.config_records["collab"] for nid, r in got.items()}
         self._exponents = [json.loads(str(c["exponents"])) for c in cfgs.values()]
         out = {c: Edited(json.loads(str(v["used"])), json.loads(str(v["vanished"])), float(v["seconds"]))
                for c, v in cfgs.items()}
-        self._n = sum(len(e.used) for e in out.values())
+        self._counts = {nid: len(out[self.ids[nid]].used) for nid in self.nodes}
         return {self.ids[nid]: out[self.ids[nid]] for nid in self.order}
 
     def summed_stats(self, rnd: int, keep: dict[str, list[int]], state: CollabState) -> dict[int, LayerSums]:
         if self.s.secagg:
             exps = {n: max(int(p.get(n, NO_EXPONENT)) for p in self._exponents) for n in self._exponents[0]}
             total, info = secure_sum(self.grid, self.context, self.nodes, rnd, self._asked(rnd, state), self.layout,
-                                     exps, self._n, self.s.secagg_shares, self.s.secagg_threshold)
-            self.secure_log.append({"method": "collabedit", "round": rnd + 1, **info})
+                                     exps, self._counts, self.s.secagg_shares, self.s.secagg_threshold)
+            self._log(rnd, info)
             return total
         got = self._ask("query.stats", self._asked(rnd, state), state)
         return sum_stats([_stats_of(r) for r in got.values()])
@@ -103,12 +123,33 @@ class FlowerExchange:
         if not self.s.secagg:
             return sum_stats([_stats_of(r) for r in got.values()])[l]
         parts = [json.loads(str(r.config_records["collab"]["exponents"])) for r in got.values()]
-        n = sum(int(r.config_records["collab"]["n"]) for r in got.values())
+        counts = {nid: int(r.config_records["collab"]["n"]) for nid, r in got.items()}
         exps = {k: max(int(p.get(k, NO_EXPONENT)) for p in parts) for k in parts[0]}
         total, info = secure_sum(self.grid, self.context, self.nodes, rnd, values, ([l], {l: self.layout[1][l]}),
-                                 exps, n, self.s.secagg_shares, self.s.secagg_threshold)
-        self.secure_log.append({"method": "collabedit", "round": rnd + 1, "layer": l, **info})
+                                 exps, counts, self.s.secagg_shares, self.s.secagg_threshold)
+        if info["dropped"]:  # the lower layers already hold its facts: a partial sum would not be MEMIT
+            raise CollabError(f"clients {[self.ids[n] for n in info['dropped']]} dropped out at layer {l}.",
+                              "the layer-sequential form needs every client at every layer; rerun the round.")
+        self.secure_log.append({"method": "collabedit", "round": rnd + 1, "layer": l, **self._named(info)})
         return total[l]
+
+    def _named(self, info: dict[str, Any]) -> dict[str, Any]:
+        """A SecAgg+ log entry naming clients, not node ids."""
+        return {**info, "summed": [self.ids[n] for n in info["summed"]], "dropped": [self.ids[n] for n in info["dropped"]]}
+
+    def _log(self, rnd: int, info: dict[str, Any]) -> None:
+        """Keep the SecAgg+ log entry, and who was left out of this round's sum."""
+        info = self._named(info)
+        self.left_out[rnd] = info["dropped"]
+        self.secure_log.append({"method": "collabedit", "round": rnd + 1, **info})
+
+    def left_out_by_round(self) -> dict[str, list[str]]:
+        """{round (1-based): clients dropped out of its secure sum}, rounds with a dropout only."""
+        return {str(e["round"]): e["dropped"] for e in self.secure_log if e.get("dropped")}
+
+    def dropped(self, rnd: int) -> list[str]:
+        """Clients whose statistics are not in round ``rnd``'s sum (dropped out during SecAgg+)."""
+        return list(self.left_out.get(rnd, []))
 
     def updates(self, rnd: int, keep: dict[str, list[int]], state: CollabState):
         got = self._ask("query.delta", self._asked(rnd, state), state)
@@ -124,6 +165,14 @@ class FlowerExchange:
         got = self._ask("evaluate", values, state)
         return {self.ids[nid]: {int(k): v for k, v in json.loads(str(got[nid].config_records["collab"]["metrics"])).items()}
                 for nid in self.order if nid in got}
+
+
+def privacy_of(s: CollabSettings, layers: int) -> dict[str, Any] | None:
+    """The DP guarantee of the run's sums (``collab.privacy.accounting``), or None without DP."""
+    from fedit.collab.privacy import accounting
+
+    dp = s.dp()
+    return accounting(dp, layers) if dp is not None else None
 
 
 def _stats_of(content: RecordDict) -> dict[int, LayerSums]:

@@ -36,6 +36,7 @@ class HandOver(Strategy):
         self.fit_config = fit_config
         self.result: tuple[list[np.ndarray], int] | None = None
         self.failures: list = []
+        self.summed: list[int] = []  # node ids whose vectors are in the sum
 
     def initialize_parameters(self, client_manager):
         return None
@@ -45,6 +46,7 @@ class HandOver(Strategy):
 
     def aggregate_fit(self, server_round, results, failures):
         self.failures = list(failures)
+        self.summed = sorted(int(p.node_id) for p, _ in results)
         if results:
             self.result = (parameters_to_ndarrays(results[0][1].parameters), len(results))
         return None, {}
@@ -75,27 +77,32 @@ def _run_workflow(grid, context: Context, nodes: list[int], rnd: int, strategy: 
 
 
 def secure_sum(grid, context: Context, nodes: list[int], rnd: int, fit_config: Callable[[int], dict[str, Any]],
-               layout: tuple[list[int], dict[int, tuple[int, int]]], exps: dict[str, int], n_total: int,
+               layout: tuple[list[int], dict[int, tuple[int, int]]], exps: dict[str, int], counts: dict[int, int],
                shares: float = 1.0, threshold: float = 0.67) -> tuple[dict[int, LayerSums], dict[str, Any]]:
     """Σ over clients of their statistics, the server seeing only the masked sum.
 
     ``fit_config(node)``: what that client needs to find its prepared edit; ``layout``: (layers,
-    (d_out, d_in) per layer); ``exps``: the agreed exponent per tensor. Returns (summed
-    statistics, a log entry)."""
+    (d_out, d_in) per layer); ``exps``: the agreed exponent per tensor; ``counts``: facts per node.
+    A node that drops out after SecAgg+'s setup (before or while sending its masked vector) is
+    left out: Flower's SecAgg+ removes its pairwise masks from the others' shares, and the sum is
+    over the rest, as long as the reconstruction threshold is met. Returns (summed statistics,
+    a log entry with ``summed`` and ``dropped`` node ids)."""
     t0 = time.perf_counter()
     strategy = HandOver(lambda nid: {**fit_config(nid), "exponents": json.dumps(exps)})
     _run_workflow(grid, context, nodes, rnd, strategy, shares, threshold)
-    if strategy.result is None or strategy.failures:
-        raise CollabError(f"SecAgg+ did not complete ({len(strategy.failures)} failure(s)).",
-                          "see Flower's log; all clients must answer every stage.")
+    if strategy.result is None:
+        raise CollabError(f"SecAgg+ did not complete ({len(strategy.failures)} failure(s)): too few clients "
+                          f"answered to reconstruct the sum.", "see Flower's log; rerun with the clients online.")
     means, m = strategy.result
-    if m != len(nodes):
-        raise CollabError(f"SecAgg+ summed {m} of {len(nodes)} clients.", "rerun; every client must take part.")
+    if m != len(strategy.summed) or not set(strategy.summed) <= set(nodes):
+        raise CollabError(f"SecAgg+ summed {m} vectors from nodes {strategy.summed}.", "check the SecAgg+ settings.")
     sums = [a * m for a in means]  # the workflow returns the mean of the (integer) limbs
     err = max(float(np.abs(a - np.round(a)).max()) if a.size else 0.0 for a in sums)
     if err > 1e-3:
         raise CollabError(f"SecAgg+ returned sums {err:.3g} away from integers.", "check the SecAgg+ settings.")
     layers, shapes = layout
-    total = decode([np.round(a) for a in sums], layers, shapes, exps, n_total)
-    return total, {"clients": m, "arrays": len(sums), "values": int(sum(a.size for a in sums)),
-                   "max_distance_from_integer": err, "seconds": round(time.perf_counter() - t0, 3)}
+    total = decode([np.round(a) for a in sums], layers, shapes, exps, sum(counts[n] for n in strategy.summed))
+    dropped = sorted(set(nodes) - set(strategy.summed))
+    return total, {"clients": m, "summed": strategy.summed, "dropped": dropped, "arrays": len(sums),
+                   "values": int(sum(a.size for a in sums)), "max_distance_from_integer": err,
+                   "seconds": round(time.perf_counter() - t0, 3)}

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedit import progress
 from fedit.collab.app import task
-from fedit.collab.app.exchange import FlowerExchange
+from fedit.collab.app.exchange import FlowerExchange, privacy_of
 from fedit.collab.client import CollabError
 from fedit.collab.report import summary
 from fedit.collab.rounds import Solver, run_merges
@@ -53,7 +53,8 @@ def serve(grid: Grid, context: Context, s: CollabSettings, lm=None, res=None) ->
     clients = [ex.ids[n] for n in ex.order]
     clients += [m["client"] for m in ex.roster.missing if m["client"] not in clients]
     report = summary("flower", clients, s.rounds, s.merges, [r.to_dict() for r in done["resolutions"]], done["runs"])
-    report.update(missing=ex.roster.missing, secagg=s.secagg, secure_aggregation=ex.secure_log, model=lm.name, dataset=s.dataset,
+    report.update(missing=ex.roster.missing, secagg=s.secagg, secure_aggregation=ex.secure_log,
+                  dropped_out=ex.left_out_by_round(), privacy=privacy_of(s, len(hp.layers)), model=lm.name, dataset=s.dataset,
                   per_client=s.per_client, overlap=s.overlap, conflict=s.conflict,
                   config=s.collab_config().to_dict(), reference=None, seconds=round(time.perf_counter() - t0, 3))
     return report, done["deltas"]

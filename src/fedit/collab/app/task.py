@@ -50,16 +50,30 @@ def release() -> None:
     _HELD.clear()
 
 
-def open_client(s: CollabSettings, node_config: dict[str, Any], saved: tuple[dict, dict] | None) -> CollabClient:
-    """The node's client (``partition-id`` i plays client ``c<i>``), with what it saved last."""
+def open_client(s: CollabSettings, node_config: dict[str, Any], saved: tuple[dict, dict] | None,
+                secret: dict[str, bytes] | None = None) -> CollabClient:
+    """The node's client, with what it saved last. Its facts: ``records`` in its node config (the
+    simulation hands each node its own share), else its own file (``data-path``), else its share
+    of the run's public dataset (``partition-id`` i plays client ``c<i>``). ``secret``: what the
+    node holds and never sends ({"salt", "noise"}: the agreed digest salt, its DP noise seed);
+    a salt in the node config wins over the agreed one."""
     h = held(s)
     pid = int(node_config.get("partition-id", -1))
     if not 0 <= pid < s.clients:
         raise CollabError(f"a node has partition-id {pid}, the run has {s.clients} clients.",
                           "start one node per client, with partition-id 0..N-1.")
-    cid, records = client_facts(s, pid, str(node_config.get("data-path", "")))
-    c = CollabClient(cid, h["model"], h["hp"], h["res"], records, s.salt_bytes(node_config), s.residual_tol,
+    if "records" in node_config:
+        cid, records = f"c{pid}", node_config["records"]
+    else:
+        cid, records = client_facts(s, pid, str(node_config.get("data-path", "")))
+    secret = secret or {}
+    salt = s.node_salt(node_config) or secret.get("salt")
+    if not salt:
+        raise CollabError("this node has no digest salt: the clients have not agreed one yet.",
+                          "the server must run the key agreement (query.keys, query.seal, query.open) first.")
+    c = CollabClient(cid, h["model"], h["hp"], h["res"], records, salt, s.residual_tol,
                      "zsre" if s.dataset == "zsre" else "counterfact")
+    c.dp, c.noise_seed = s.dp(), secret.get("noise", b"")
     if saved is not None:
         c.restore(*saved)
     if not c.has_pre_scores:
@@ -80,16 +94,15 @@ def shapes(c: CollabClient) -> dict[int, tuple[int, int]]:
 
 def prepare(c: CollabClient, rnd: int, keep: list[int]) -> dict[str, Any]:
     """Edit the kept facts on the model as it is; what the server may learn about it."""
-    p = c.prepare(rnd, keep)
-    recs = c.round_records(rnd)
-    return {"used": p.used, "vanished": [recs[i].request.case_id for i in p.vanished], "seconds": p.seconds,
-            "exponents": exponents(p.stats(), c.hp.layers, shapes(c))}
+    p = c.prepare(rnd, keep)  # vanished facts by index into the round's list: a case id would name the fact
+    return {"used": p.used, "vanished": list(p.vanished), "seconds": p.seconds,
+            "exponents": exponents(c.shared_stats(rnd, p), c.hp.layers, shapes(c))}
 
 
 def stats_arrays(c: CollabClient, rnd: int, keep: list[int]) -> tuple[int, dict[str, torch.Tensor]]:
     """(facts, {"rk.<l>": R Kᵀ, "kk.<l>": K Kᵀ}) of the prepared edit."""
     p = c.prepare(rnd, keep)
-    st = p.stats()
+    st = c.shared_stats(rnd, p)
     return p.n, {**{f"rk.{l}": s.RK for l, s in st.items()}, **{f"kk.{l}": s.KK for l, s in st.items()}}
 
 
@@ -114,7 +127,7 @@ def _prepared(c: CollabClient, version: str, rnd: int, keep: list[int]):
 
 def secure_limbs(c: CollabClient, version: str, rnd: int, keep: list[int], exps: dict[str, int]) -> list:
     """The prepared statistics as exact integer limbs for SecAgg+ (``collab.secure``)."""
-    return encode(_prepared(c, version, rnd, keep).stats(), c.hp.layers, shapes(c), exps)
+    return encode(c.shared_stats(rnd, _prepared(c, version, rnd, keep)), c.hp.layers, shapes(c), exps)
 
 
 def layer_arrays(c: CollabClient, version: str, rnd: int, keep: list[int],
