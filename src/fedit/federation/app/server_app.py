@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,10 @@ from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedit.federation.app import task
-from fedit.federation.app.messages import batch_content, batch_from
+from fedit.federation.app.messages import batch_content, upload_from
 from fedit.federation.fededit import FedEditServer, average_updates
 from fedit.federation.flower import RunFailed, ask, config, to_arrays, to_tensors, wait_for_nodes
+from fedit.federation.report import write_private
 from fedit.federation.settings import FedSettings
 
 log = logging.getLogger(__name__)
@@ -41,32 +41,30 @@ def _with_global(nodes: list[int], glob: dict[str, torch.Tensor], **values) -> d
     return out
 
 
-def _setup(grid: Grid, s: FedSettings) -> tuple[list[int], dict[int, str], dict[str, list]]:
-    """The client nodes, their client ids and the case ids each will edit."""
+def _setup(grid: Grid, s: FedSettings) -> tuple[list[int], dict[int, str]]:
+    """The client nodes and their client ids (no case ids: fact ids on the wire are opaque tokens)."""
     nodes = wait_for_nodes(grid, s.clients, s.node_timeout)
     setup = ask(grid, nodes, "query.setup", _each(nodes), "setup")
     cid = {n: str(setup[n]["config"]["client"]) for n in nodes}
     if len(set(cid.values())) != len(nodes):
         raise RunFailed(f"two clients share an id: {sorted(cid.values())}; give each SuperNode its own partition-id.")
-    return nodes, cid, {cid[n]: json.loads(str(setup[n]["config"]["case_ids"])) for n in nodes}
+    return nodes, cid
 
 
 def _slot(grid: Grid, nodes: list[int], cid: dict[int, str], server: FedEditServer, slot: int) -> dict[str, Any]:
     """One time slot: every client edits and uploads its MKVs, then reuses the hits it is sent."""
     t0 = time.perf_counter()
     replies = ask(grid, nodes, "query.edit", _each(nodes, slot=slot), f"slot{slot}-edit")
-    uploaded = {}
-    for n in nodes:
-        batch = batch_from(replies[n], owner=cid[n])
-        server.receive(cid[n], slot, batch)
-        uploaded[cid[n]] = len(batch)
+    uploaded, rejected = server.receive_slot(slot, {cid[n]: upload_from(replies[n], cid[n]) for n in nodes})
     hits = {n: server.hits_for(cid[n], slot) for n in nodes}
     replies = ask(grid, nodes, "query.reuse", {n: batch_content(hits[n][0], slot=slot) for n in nodes},
                   f"slot{slot}-reuse")
     reuse = {cid[n]: json.loads(str(replies[n]["config"]["json"])) for n in nodes}
+    for n in nodes:  # the receivers' refusals, each sender named from the server's own store
+        rejected += server.senders(reuse[cid[n]].get("rejected", []), cid[n], hits[n][1])
     log.info("slot %d: uploaded %s, reused %s", slot, uploaded, {k: v["applied"] for k, v in reuse.items()})
     return {"slot": slot, "uploaded": uploaded, "hits": {cid[n]: hits[n][1] for n in nodes},
-            "reuse": reuse, "seconds": round(time.perf_counter() - t0, 3)}
+            "reuse": reuse, "rejected": rejected, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _evaluate(grid: Grid, nodes: list[int], cid: dict[int, str], group: str,
@@ -118,15 +116,13 @@ def run_server(grid: Grid, s: FedSettings) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    nodes, cid, case_ids = _setup(grid, s)
-    result: dict[str, Any] = {"settings": s.to_user_config(), "clients": [cid[n] for n in nodes], "case_ids": case_ids}
+    nodes, cid = _setup(grid, s)
+    result: dict[str, Any] = {"settings": s.to_user_config(), "clients": [cid[n] for n in nodes]}
     result.update(_fededit(grid, s, nodes, cid))
     if s.baseline == "fedavg":
         result["fedavg"] = _fedavg(grid, s, nodes, cid)
     result["seconds"] = round(time.perf_counter() - t0, 3)
-    tmp = out / "federation.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "federation.json")
+    write_private(out / "federation.json", result)
     return result
 
 
@@ -141,7 +137,7 @@ def make_server_app(settings: FedSettings | None = None) -> ServerApp:
             run_server(grid, s)
         except Exception as e:  # record why, for the caller, then fail the run
             Path(s.out).mkdir(parents=True, exist_ok=True)
-            (Path(s.out) / "federation.error.json").write_text(json.dumps({"error": str(e)}))
+            write_private(Path(s.out) / "federation.error.json", {"error": str(e)})
             raise
 
     return app
