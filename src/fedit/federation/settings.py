@@ -113,7 +113,8 @@ class FedSettings(RunSettings):
             raise SettingsError(f"mode must be 'private' or 'paper', got {self.mode!r}.", "use --mode private|paper.")
         if self.mode == "paper" and not self.share_requests:
             raise SettingsError("paper mode re-edits with the other clients' plaintext requests, and no owner opted in.",
-                                "add --share-requests (every owner agrees to send its requests), or use --mode private.")
+                                "add --share-requests (the run asks for the requests; each node must also agree with "
+                                "share-requests=true in its own node config), or use --mode private.")
         if self.partition not in ("relation", "cluster", "iid"):
             raise SettingsError(f"partition must be relation, cluster or iid, got {self.partition!r}.",
                                 "use --partition relation|cluster|iid.")
