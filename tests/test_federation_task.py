@@ -91,7 +91,8 @@ def test_evaluate_step_measures_the_clients_edit_per_record_only_when_asked(edit
     lm, base, s, saved = edited
     with task.client_session(s, NODE, saved, lm=lm) as (client, records):
         out = task.evaluate_step(client, records, s.dataset)
-        assert "per_record" not in out  # aggregates only, unless the node opts in
+    assert "per_record" not in out  # aggregates only, unless the node opts in
+    with task.client_session(s, NODE, saved, lm=lm) as (client, records):
         opted = task.evaluate_step(client, records, s.dataset, facts=["t0", "t1"])
     assert _unchanged(lm, base)
     assert out["post"]["efficacy_success"] >= out["pre"]["efficacy_success"]
