@@ -71,19 +71,23 @@ def test_paper_mode_needs_opt_in_to_reuse(tiny_cache):
     assert after > before + 0.5
 
 
-def test_reuse_refuses_bad_payloads(tiny_cache):
+def test_reuse_refuses_bad_mkvs_one_by_one_and_applies_the_rest(tiny_cache):
     b = _client("b", tiny_model("gpt2"), tiny_cache)
     up = _client("a", tiny_model("gpt2"), tiny_cache).local_edit(0, [EIFFEL], ["f0"])
-    bad = MKVBatch(up.vectors.clone(), [dict(up.payloads[0])], [dict(up.meta[0])])
-    bad.payloads[0]["resid.1"] = bad.payloads[0]["resid.1"].clone()
-    bad.payloads[0]["resid.1"][0] = float("nan")
-    with pytest.raises(FedError, match="NaN"):
-        b.reuse(0, bad)
-    with pytest.raises(FedError, match="dimension"):
-        b.reuse(0, MKVBatch(torch.zeros(1, 5), [{}], [{"fact": "x", "fingerprint": b.fingerprint}]))
-    with pytest.raises(FedError, match="base model"):
-        b.reuse(0, MKVBatch(up.vectors, up.payloads, [{"fact": "f0", "fingerprint": "other"}]))
-    assert b.vectors is None and b.current_deltas() == {}  # nothing was taken
+    nan = dict(up.payloads[0])
+    nan["resid.1"] = nan["resid.1"].clone()
+    nan["resid.1"][0] = float("nan")
+    spoofed = {**up.meta[0], "fingerprint": "other"}
+    bad = MKVBatch(up.vectors.repeat(3, 1), [nan, dict(up.payloads[0]), dict(up.payloads[0])],
+                   [dict(up.meta[0]), spoofed, dict(up.meta[0])], owner="a")
+    info = b.reuse(0, bad)
+    assert info["applied"] == 1 and [r["reason"] for r in info["rejected"]][0].endswith("NaN or Inf")
+    assert "base model" in info["rejected"][1]["reason"] and {r["from"] for r in info["rejected"]} == {"a"}
+    assert b.report.rejected == 2 and len(b.vectors) == 1  # the good copy was applied
+    c = _client("c", tiny_model("gpt2"), tiny_cache)
+    info = c.reuse(0, MKVBatch(torch.zeros(1, 5), [{}], [{"fact": "x", "fingerprint": c.fingerprint}]))
+    assert info["applied"] == 0 and "shape" in info["rejected"][0]["reason"]
+    assert c.vectors is None and c.current_deltas() == {}  # nothing was taken
     with pytest.raises(FedError, match="one row per fact"):
         MKVBatch.from_arrays({"mkv": torch.zeros(2, 4)}, [{}])
 

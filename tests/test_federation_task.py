@@ -87,10 +87,14 @@ def test_a_failing_measurement_leaves_no_edit(edited, monkeypatch):
         assert _unchanged(lm, base)
 
 
-def test_evaluate_step_measures_the_clients_edit(edited):
+def test_evaluate_step_measures_the_clients_edit_per_record_only_when_asked(edited):
     lm, base, s, saved = edited
     with task.client_session(s, NODE, saved, lm=lm) as (client, records):
         out = task.evaluate_step(client, records, s.dataset)
+    assert "per_record" not in out  # aggregates only, unless the node opts in
+    with task.client_session(s, NODE, saved, lm=lm) as (client, records):
+        opted = task.evaluate_step(client, records, s.dataset, facts=["t0", "t1"])
     assert _unchanged(lm, base)
     assert out["post"]["efficacy_success"] >= out["pre"]["efficacy_success"]
-    assert len(out["per_record"]) == 2
+    assert [r["fact"] for r in opted["per_record"]] == ["t0", "t1"] and opted["post"] == out["post"]
+    assert "case_id" not in str(opted)

@@ -29,11 +29,15 @@ def register(sub) -> None:
     r.add_argument("--mode", default=S.mode, choices=["private", "paper"],
                    help="private: MKVs carry keys and residuals, no request text; paper: z + plaintext request")
     r.add_argument("--share-requests", action="store_true",
-                   help="paper mode: every owner opts in to sending its plaintext requests with its MKVs")
+                   help="paper mode: every simulated node consents to sending its plaintext requests with its MKVs "
+                        "(in a deployment each node decides with share-requests=true in its own --node-config)")
     r.add_argument("--tau", type=float, default=S.tau, help="cosine threshold of the FedEdit hit rule")
     r.add_argument("--match", default=S.match, choices=["z", "delta"],
                    help="what the hit rule compares: z, the MKV itself (the paper), or delta = z − h, "
                         "the edit's direction (selective where all z point one way, as on Gemma)")
+    r.add_argument("--norm-factor", type=float, default=S.norm_factor,
+                   help="a received vector's norm may be at most this times the receiver's own model scale "
+                        "(docs/federation.md, privacy and bounds)")
     r.add_argument("--baseline", default=None, choices=["fedavg"], help="also run the FedAvg baseline (default: none)")
     # paper mode re-edits with the given z: every method that takes targets; private mode needs
     # the methods whose update is a plain solve of per-fact vectors (checked in run)
@@ -73,6 +77,7 @@ def settings_from(args):
                        n_per_client=common.records_per_client(args, FedSettings.n_per_client),
                        dataset=args.dataset, seed=args.seed, method=args.method, mode=args.mode,
                        share_requests=args.share_requests, tau=args.tau, match=args.match, out=args.out,
+                       norm_factor=args.norm_factor,
                        **{k: v for k, v in given.items() if v is not None})
 
 

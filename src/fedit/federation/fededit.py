@@ -28,7 +28,9 @@ code's separately averaged factors.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +39,7 @@ import torch
 from fedit.core import activations
 from fedit.deltas import AppliedEdit, WeightDeltas
 from fedit.errors import FeditError
+from fedit.federation.guard import DEFAULT_NORM_FACTOR, Guard, Rejection, measure_scale
 from fedit.methods import Resources, get_method, names
 from fedit.methods.vectors import (
     EditVectors,
@@ -47,6 +50,8 @@ from fedit.methods.vectors import (
     layer_sums,
 )
 from fedit.requests import EditRequest
+
+log = logging.getLogger(__name__)
 
 MODES = ("private", "paper")
 # What the server compares: "z" (the MKV itself, as the paper) or "delta" (z − h, the edit's
@@ -97,6 +102,12 @@ class MKVBatch:
     def empty(d: int) -> "MKVBatch":
         return MKVBatch(torch.zeros(0, d), [], [])
 
+    def select(self, idx: list[int]) -> "MKVBatch":
+        """The facts ``idx`` of this batch, in that order."""
+        if not idx:
+            return MKVBatch(self.vectors[:0], [], [], self.owner)
+        return MKVBatch(self.vectors[idx], [self.payloads[i] for i in idx], [self.meta[i] for i in idx], self.owner)
+
 
 @dataclass
 class ClientReport:
@@ -105,6 +116,7 @@ class ClientReport:
     mkvs_computed: int = 0
     mkv_seconds: float = 0.0  # time spent optimising own z
     reused: int = 0  # other clients' MKVs applied
+    rejected: int = 0  # received MKVs refused by the guard (shape, norm, base model)
     unusable: int = 0  # hits that could not be applied (paper mode without the owner's opt-in)
     reedit_seconds: float = 0.0
     edit_seconds: float = 0.0
@@ -118,7 +130,10 @@ class FedEditClient:
     """One organisation's side of FedEdit, on its own copy of the shared base model."""
 
     def __init__(self, client_id: str, lm, hparams, resources: Resources | None = None, mode: str = "private",
-                 share_requests: bool = False, match: str = "z", method: str = "memit"):
+                 share_requests: bool = False, match: str = "z", method: str = "memit",
+                 norm_factor: float = DEFAULT_NORM_FACTOR):
+        """``lm`` must be at its base weights: the client measures its scale and recomputes the base
+        model's fingerprint from them (``guard.measure_scale``), never trusting a stated one."""
         if mode not in MODES:
             raise FedError(f"unknown payload mode {mode!r}.", f"use one of {MODES}.")
         self.id, self.lm, self.hp, self.mode = client_id, lm, hparams, mode
@@ -133,7 +148,10 @@ class FedEditClient:
             raise FedError(f"unknown match vector {match!r}.", f"use one of {MATCH}.")
         self.match = match
         self.report = ClientReport(client_id)
-        self.fingerprint = lm.identity()["fingerprint"]  # of the shared base model
+        if not norm_factor > 0:
+            raise FedError(f"the norm factor must be > 0, got {norm_factor}.", "use e.g. the default, 20.")
+        self.guard = Guard(measure_scale(lm, list(hparams.layers)), norm_factor)
+        self.fingerprint = self.guard.scale.fingerprint  # of the shared base model, from this client's weights
         self.vectors: EditVectors | None = None  # private: every fact held (own and reused)
         self.fact_ids: list[str] = []  # private: row ids of self.vectors; paper: facts applied
         self.applied: list[AppliedEdit] = []  # edits now on the model
@@ -232,6 +250,7 @@ class FedEditClient:
                 out = self.method.run(self.lm, requests, self.hp, self.res)
                 vec, t_target = out.diagnostics["vectors"], out.target_seconds
             check_finite(vec, "this client's edit vectors")
+            vec.base_fingerprint = self.fingerprint
             self.vectors = vec if self.vectors is None else EditVectors.cat([self.vectors, vec])
             self.fact_ids += list(fact_ids)
             self._solve_and_apply()
@@ -261,52 +280,41 @@ class FedEditClient:
             return MKVBatch(zs - h, payloads, meta, owner=self.id)
         return MKVBatch(zs, payloads, meta, owner=self.id)
 
+    def screen(self, hits: MKVBatch) -> tuple[list[int], list[Rejection]]:
+        """Which received MKVs this client's guard accepts (their indices), and why it refuses the others
+        (shape, norm bound, base model: ``guard``). A refusal is logged here and never raises."""
+        keep, refused = [], []
+        for i in range(len(hits)):
+            meta = hits.meta[i] if isinstance(hits.meta[i], dict) else {}
+            why = self.guard.check(hits.vectors[i], hits.payloads[i], meta, self.mode, self.match)
+            if why is None:
+                keep.append(i)
+                continue
+            mkv = meta.get("mkv")
+            refused.append(Rejection(str(meta.get("from", hits.owner)), _fact_of(meta), why, by=self.id,
+                                     mkv=mkv if isinstance(mkv, int) else None))
+            log.warning("client %s refused a received MKV (store id %s, fact %s): %s", self.id, mkv,
+                        refused[-1].fact, why)
+        return keep, refused
+
     def reuse(self, slot: int, hits: MKVBatch) -> dict[str, Any]:
-        """Re-edit with other clients' MKVs (no z is optimised here: the saved computation)."""
+        """Re-edit with other clients' MKVs (no z is optimised here: the saved computation).
+
+        Every MKV passes the guard first; a refused one is left out (``info["rejected"]`` says why)
+        and the others are applied."""
         t0 = time.perf_counter()
         n = len(hits)
-        info = {"slot": slot, "hits": n, "applied": 0, "unusable": 0}
-        if n:
-            d = self.lm.adapter.d_model
-            if hits.vectors.shape[1] != d:
-                raise FedError(f"reused MKVs have dimension {hits.vectors.shape[1]}, this model's is {d}.",
-                               "every client must use the same base model.")
-            if self.mode == "private":
-                # "base": the key in MKVs stored by earlier fedit versions
-                prints = {m.get("fingerprint", m.get("base")) for m in hits.meta}
-                if prints != {self.fingerprint}:
-                    raise FedError(f"reused MKVs were measured on base model(s) {sorted(map(str, prints))}, "
-                                   f"this client's is {self.fingerprint}.",
-                                   "every client must start from the same base model.")
-                try:
-                    vec = EditVectors.from_fact_tensors(
-                        [{"z": hits.vectors[i], **hits.payloads[i]} for i in range(n)], base_fingerprint=self.fingerprint)  # payload z wins
-                except VectorError as e:
-                    raise FedError(f"reused MKVs do not carry what private mode needs: {e.problem}",
-                                   "run every client in the same --mode (private MKVs carry keys and residuals).") from e
-                try:
-                    check_finite(vec, "reused MKVs")
-                except VectorError as e:
-                    raise FedError(e.problem, e.fix) from e
-                if self.vectors is not None and vec.layers != self.vectors.layers:
-                    raise FedError(f"reused MKVs are for layers {vec.layers}, this client edits {self.vectors.layers}.",
-                                   "use the same hyperparameters (layers) on every client.")
-                self.vectors = vec if self.vectors is None else EditVectors.cat([self.vectors, vec])
-                self.fact_ids += [str(m.get("fact")) for m in hits.meta]
-                self._solve_and_apply()
-                info["applied"] = n
-            else:
-                usable = [i for i, m in enumerate(hits.meta) if "request" in m]
-                info["unusable"] = n - len(usable)
-                if usable:
-                    reqs = [EditRequest.from_dict(hits.meta[i]["request"]) for i in usable]
-                    zs = torch.stack([hits.payloads[i].get("z", hits.vectors[i]) for i in usable]).float()
-                    self._edit_in_place(reqs, zs=zs)
-                    self.fact_ids += [str(hits.meta[i].get("fact")) for i in usable]
-                    info["applied"] = len(usable)
+        keep, refused = self.screen(hits)
+        info = {"slot": slot, "hits": n, "applied": 0, "unusable": 0, "rejected": [r.to_dict() for r in refused]}
+        good = hits.select(keep)
+        if len(good) and self.mode == "private":
+            info["applied"] = self._reuse_vectors(good)
+        elif len(good):
+            info["applied"], info["unusable"] = self._reuse_requests(good)
         secs = time.perf_counter() - t0
         self.report.reused += info["applied"]
         self.report.unusable += info["unusable"]
+        self.report.rejected += len(refused)
         self.report.reedit_seconds += secs
         info["seconds"] = round(secs, 3)
         for s in self.report.slots:
@@ -314,26 +322,92 @@ class FedEditClient:
                 s.update(reused=info["applied"], reuse_seconds=info["seconds"])
         return info
 
+    def _reuse_vectors(self, hits: MKVBatch) -> int:
+        """Private mode: add the hits' vectors (already checked by the guard) and solve again."""
+        n = len(hits)
+        try:
+            vec = EditVectors.from_fact_tensors(
+                [{"z": hits.vectors[i], **hits.payloads[i]} for i in range(n)], base_fingerprint=self.fingerprint)  # payload z wins
+            check_finite(vec, "reused MKVs")
+        except VectorError as e:
+            raise FedError(f"reused MKVs do not carry what private mode needs: {e.problem}",
+                           "run every client in the same --mode (private MKVs carry keys and residuals).") from e
+        self.vectors = vec if self.vectors is None else EditVectors.cat([self.vectors, vec])
+        self.fact_ids += [str(m.get("fact")) for m in hits.meta]
+        self._solve_and_apply()
+        return n
+
+    def _reuse_requests(self, hits: MKVBatch) -> tuple[int, int]:
+        """Paper mode: re-edit with the hits' requests and z; hits without a request are unusable."""
+        usable = [i for i, m in enumerate(hits.meta) if "request" in m]
+        if usable:
+            reqs = [EditRequest.from_dict(hits.meta[i]["request"]) for i in usable]
+            zs = torch.stack([hits.payloads[i].get("z", hits.vectors[i]) for i in usable]).float()
+            self._edit_in_place(reqs, zs=zs)
+            self.fact_ids += [str(hits.meta[i].get("fact")) for i in usable]
+        return len(usable), len(hits) - len(usable)
+
 
 class FedEditServer:
-    """Stores MKVs and answers retrievals with the FedEdit rule."""
+    """Stores MKVs and answers retrievals with the FedEdit rule.
+
+    The server holds no model, so it checks only what it can without one before storing: every
+    value finite, and every MKV of the layout (vector size, payload tensors and shapes) that most
+    clients sent in the first slot with uploads. The receivers check the rest against their own
+    model (``guard``). An MKV refused here is not stored; the others are, and ``refused``
+    keeps every refusal (sender, fact token, reason)."""
 
     def __init__(self, store, tau: float = 0.4):
         if not -1.0 <= tau <= 1.0:
             raise FedError(f"tau must lie in [-1, 1] (a cosine), got {tau}.", "use e.g. 0.4 (the paper's value).")
         self.store, self.tau = store, tau
+        self.layout: tuple | None = None  # (dim, ((name, shape), ...)) fixed by the first slot with uploads
+        self.refused: list[Rejection] = []
 
     def register(self, client_id: str) -> None:
         if client_id not in self.store.clients():
             self.store.register_client(client_id)
 
-    def receive(self, client_id: str, slot: int, batch: MKVBatch) -> list[int]:
+    def receive(self, client_id: str, slot: int, batch: MKVBatch | str) -> list[int]:
+        """Store what passes the server's checks of one client's upload; the ids stored. ``batch`` may
+        be the reason an upload could not be read at all (then all of it is refused)."""
+        if isinstance(batch, str):
+            self.refused.append(Rejection(client_id, "", f"its upload cannot be read: {batch}", by="server"))
+            return []
         if not len(batch):
             return []
-        return self.store.add(client_id, slot, batch.vectors, batch.payloads, batch.meta)
+        if self.layout is None:
+            self.layout = _row_layout(batch, 0)
+        keep = []
+        for i in range(len(batch)):
+            why = _server_check(batch, i, self.layout)
+            if why:
+                self.refused.append(Rejection(client_id, _fact_of(batch.meta[i]), why, by="server"))
+            else:
+                keep.append(i)
+        good = batch.select(keep)
+        try:
+            return self.store.add(client_id, slot, good.vectors, good.payloads, good.meta) if keep else []
+        except FeditError as e:  # a StoreError: nothing of this upload was stored
+            self.refused += [Rejection(client_id, _fact_of(m), e.problem, by="server") for m in good.meta]
+            return []
+
+    def receive_slot(self, slot: int, batches: dict[str, MKVBatch | str]) -> tuple[dict[str, int], list[dict]]:
+        """Every client's upload of ``slot``: how many MKVs of each were stored, and the refusals. The
+        run's layout is the one most uploads share (first slot with uploads), so that no single
+        client can fix it by answering first."""
+        if self.layout is None:
+            seen = Counter(_row_layout(b, 0) for b in batches.values() if isinstance(b, MKVBatch) and len(b))
+            self.layout = seen.most_common(1)[0][0] if seen else None
+        before = len(self.refused)
+        stored = {c: len(self.receive(c, slot, b)) for c, b in batches.items()}
+        return stored, [r.to_dict() for r in self.refused[before:]]
 
     def hits_for(self, client_id: str, slot: int) -> tuple[MKVBatch, list[dict]]:
-        """Other clients' MKVs of ``slot`` that are hits for ``client_id``'s own MKVs of that slot."""
+        """Other clients' MKVs of ``slot`` that are hits for ``client_id``'s own MKVs of that slot.
+
+        Each hit's meta carries its store id (``mkv``), not its owner: receivers do not learn who sent
+        what; :meth:`senders` names the owners of the MKVs a receiver refused."""
         own = self.store.for_slot(slot, owner=client_id)
         if not own:
             return MKVBatch.empty(self.store.dim or 0), []
@@ -342,10 +416,39 @@ class FedEditServer:
         if not hits:
             return MKVBatch.empty(own_v.shape[1]), []
         batch = MKVBatch(torch.stack([h.mkv.vector for h in hits]), [h.mkv.payload for h in hits],
-                         [h.mkv.meta for h in hits])
+                         [{**h.mkv.meta, "mkv": h.mkv.id} for h in hits])
         info = [{"id": h.mkv.id, "owner": h.mkv.owner, "count": h.count, "max_sim": round(float(h.max_sim), 4)}
                 for h in hits]
         return batch, info
+
+    @staticmethod
+    def senders(refused: list[dict], receiver: str, hits_info: list[dict]) -> list[dict]:
+        """A receiver's refusals (``reuse``'s ``rejected``) with each sender named from the server's
+        own record of who uploaded which MKV (``hits_for``'s info), never from the message."""
+        owner = {i["id"]: i["owner"] for i in hits_info}
+        return [{**r, "from": owner.get(r.get("mkv"), "?"), "by": receiver} for r in refused if isinstance(r, dict)]
+
+
+def _fact_of(meta: Any) -> str:
+    """The fact token an MKV's meta states (shortened; '' when there is none)."""
+    return str(meta.get("fact", ""))[:64] if isinstance(meta, dict) else ""
+
+
+def _row_layout(batch: MKVBatch, i: int) -> tuple:
+    p = batch.payloads[i] if i < len(batch.payloads) and isinstance(batch.payloads[i], dict) else {}
+    return (int(batch.vectors.shape[-1]), tuple(sorted((k, tuple(v.shape)) for k, v in p.items()
+                                                       if isinstance(v, torch.Tensor))))
+
+
+def _server_check(batch: MKVBatch, i: int, layout: tuple) -> str | None:
+    """Why the server does not store MKV ``i`` of ``batch`` (None: it does)."""
+    got = _row_layout(batch, i)
+    if got != layout:
+        return f"its layout (size, tensors) {got} differs from the run's {layout}"
+    for name, t in [("mkv", batch.vectors[i]), *sorted(batch.payloads[i].items())]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return f"{name} holds NaN or Inf"
+    return None
 
 
 # --- FedAvg baseline ---------------------------------------------------------------------

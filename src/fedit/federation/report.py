@@ -5,6 +5,7 @@ JSON + Markdown + a PNG chart. No Flower import.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -122,6 +123,8 @@ def build(fed: dict[str, Any], reference: dict[str, Any] | None, wall_seconds: f
                          "own": rep["own_facts"], "reused": rep["reused"], "unusable": rep["unusable"],
                          "mkv_seconds": round(rep["mkv_seconds"], 3), "reedit_seconds": round(rep["reedit_seconds"], 3)}
     report["per_client"] = per_client
+    # every received MKV that was refused (by the server or by a receiver's guard): sender, fact token, reason
+    report["rejected"] = [r for sl in slots for r in sl.get("rejected", [])]
     fed_clients = fed.get("fededit", {})
     report["fededit"] = {"pre": _mean_over_clients(fed_clients, "pre", keys),
                          "post": _mean_over_clients(fed_clients, "post", keys)}
@@ -187,7 +190,16 @@ def markdown(r: dict[str, Any]) -> str:
     for c, v in r["per_client"].items():
         lines.append(f"| {c} | {v['own']} | {v['reused']} | " + " | ".join(_pct(v["pre"].get(k)) for k in keys) +
                      " | " + " | ".join(_pct(v["post"].get(k)) for k in keys) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _rejected_lines(r.get("rejected", []))) + "\n"
+
+
+def _rejected_lines(rejected: list[dict]) -> list[str]:
+    """The refused MKVs, one line each: who sent it, who refused it, why."""
+    if not rejected:
+        return []
+    return ["", f"{len(rejected)} received MKV(s) refused (not applied; the run went on with the rest):", ""] + [
+        f"- from {x.get('from', '?')}, refused by {x.get('by', '?')} (fact {x.get('fact') or '?'}): {x.get('reason')}"
+        for x in rejected]
 
 
 def chart(r: dict[str, Any], path: Path) -> None:
@@ -201,6 +213,20 @@ def chart(r: dict[str, Any], path: Path) -> None:
     s = r["settings"]
     bar_chart(path, r["headline"], runs,
               f"FedEdit {r['mode']} · {len(r['clients'])} clients × {s['n-per-client']} · {s['model']}")
+
+
+def write_private(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically, readable by its owner only (0600), like the MKV
+    store beside it (``federation.json``, ``federation.error.json``)."""
+    from fedit.atomic import replace_with
+
+    def write(tmp: Path) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+
+    return replace_with(path, write)
 
 
 def write(r: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:

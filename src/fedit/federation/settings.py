@@ -94,9 +94,13 @@ class FedSettings(RunSettings):
     hparams_file: str = ""
     # FedEdit
     mode: str = "private"  # private | paper
-    share_requests: bool = False  # paper mode: owners opt in to sending plaintext requests
+    # paper mode asks the nodes for their plaintext requests; each node still decides with its own node
+    # config (share-requests=true, federation/privacy.py). In `fedit fed run` it plays every node's consent.
+    share_requests: bool = False
     tau: float = 0.4
     match: str = "z"  # what the hit rule compares: z (the paper) or delta (z − h)
+    # a received vector's norm may be at most this times the receiver's own model scale (federation/guard.py)
+    norm_factor: float = 20.0
     baseline: str = ""  # "" or "fedavg"
     evaluate: bool = True
     # where results go (on the machine that runs the ServerApp)
@@ -110,7 +114,8 @@ class FedSettings(RunSettings):
             raise SettingsError(f"mode must be 'private' or 'paper', got {self.mode!r}.", "use --mode private|paper.")
         if self.mode == "paper" and not self.share_requests:
             raise SettingsError("paper mode re-edits with the other clients' plaintext requests, and no owner opted in.",
-                                "add --share-requests (every owner agrees to send its requests), or use --mode private.")
+                                "add --share-requests (the run asks for the requests; each node must also agree with "
+                                "share-requests=true in its own node config), or use --mode private.")
         if self.partition not in ("relation", "cluster", "iid"):
             raise SettingsError(f"partition must be relation, cluster or iid, got {self.partition!r}.",
                                 "use --partition relation|cluster|iid.")
@@ -126,6 +131,9 @@ class FedSettings(RunSettings):
                                 "use --n-per-client ≥ --slots.")
         if not -1.0 <= self.tau <= 1.0:
             raise SettingsError(f"tau must lie in [-1, 1] (a cosine), got {self.tau}.", "use e.g. --tau 0.4.")
+        if not self.norm_factor > 0:
+            raise SettingsError(f"norm-factor must be > 0, got {self.norm_factor}.",
+                                "use e.g. 20 (the default): received vectors up to 20 × the model's own scale.")
         self.hparam_overrides()  # validate the JSON now
 
     @property

@@ -25,7 +25,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,13 +105,19 @@ class MKVStore:
     vectors fix it. Reopening an existing store with a different explicit ``dim`` is refused.
     The folder of ``path`` is created when missing; an existing file that is not an fedit
     store is refused and never written to.
+
+    ``check`` (optional) is asked about every record read (``get``, ``for_slot``, the
+    retrievals): it returns why the record must not be used (e.g. a vector over a model's norm
+    bound, ``guard.Guard.check``) or None; a record it refuses is a :class:`StoreError`
+    naming the record.
     """
 
-    def __init__(self, path: str | Path, dim: int | None = None):
+    def __init__(self, path: str | Path, dim: int | None = None, check: Callable[[MKV], str | None] | None = None):
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
             raise StoreError(f"dim must be a positive whole number or None, got {dim!r}.",
                              "pass the hidden size of the edited layer (e.g. dim=640), or leave it out.")
         self.path = str(path)
+        self.check = check
         self._conn: sqlite3.Connection | None = None
         memory = self.path == ":memory:"
         if not memory:
@@ -308,7 +314,7 @@ class MKVStore:
             part = ids[chunk:chunk + 500]
             q = f"SELECT {_COLS} FROM mkvs WHERE id IN ({','.join('?' * len(part))})"
             for row in self._db.execute(q, part):
-                found[row[0]] = _row_to_mkv(row)
+                found[row[0]] = self._mkv(row)
         missing = [i for i in ids if i not in found]
         if missing:
             raise StoreError(f"no MKV with id(s) {missing[:10]} in {self.path}.",
@@ -319,7 +325,22 @@ class MKVStore:
         """MKVs of time ``slot`` in insertion order, optionally of one ``owner`` only and/or
         without those of ``exclude_client``."""
         where, args = _where(slot=slot, owner=owner, exclude=exclude_client)
-        return [_row_to_mkv(r) for r in self._db.execute(f"SELECT {_COLS} FROM mkvs{where} ORDER BY id", args)]
+        return [self._mkv(r) for r in self._db.execute(f"SELECT {_COLS} FROM mkvs{where} ORDER BY id", args)]
+
+    def ids(self, slot: int | None = None, owner: str | None = None) -> list[int]:
+        """Ids of the stored MKVs (of ``slot`` / ``owner`` when given), in insertion order; reads no vector."""
+        where, args = _where(slot=slot, owner=owner)
+        return [r[0] for r in self._db.execute(f"SELECT id FROM mkvs{where} ORDER BY id", args)]
+
+    def _mkv(self, row: tuple) -> MKV:
+        """A stored row as an MKV, refused (StoreError naming it) when damaged or refused by ``check``."""
+        m = _row_to_mkv(row)
+        why = self.check(m) if self.check is not None else None
+        if why:
+            raise StoreError(f"the MKV store record {m.id} (owner {m.owner!r}, slot {m.slot}) is refused: {why}.",
+                             "leave it out (it was not computed on this model, or was tampered with), or start "
+                             "a new store.")
+        return m
 
     def _vectors(self, slot: int | None, exclude: str | None) -> tuple[list[int], torch.Tensor]:
         """Ids and vectors [m, dim] only (no payloads), for searching."""

@@ -11,6 +11,7 @@ import json
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from fedit.errors import FeditError
 from fedit.federation.fededit import MKVBatch
 from fedit.federation.flower import to_arrays, to_tensors
 
@@ -26,3 +27,11 @@ def batch_from(content: RecordDict, owner: str = "") -> MKVBatch:
     if int(cfg["n"]) == 0:
         return MKVBatch(torch.zeros(0, 0), [], [], owner)
     return MKVBatch.from_arrays(to_tensors(content["mkvs"]), meta, owner)
+
+
+def upload_from(content: RecordDict, owner: str) -> MKVBatch | str:
+    """A client's uploaded MKVs, or why they cannot be read (the server refuses all of them then)."""
+    try:
+        return batch_from(content, owner)
+    except (FeditError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        return f"{type(e).__name__}: {str(e)[:200]}"

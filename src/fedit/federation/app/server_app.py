@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedit.federation import resume
 from fedit import progress
 from fedit.federation.app import task
-from fedit.federation.app.messages import batch_content, batch_from
+from fedit.federation.app.messages import batch_content, upload_from
 from fedit.federation.fededit import FedEditServer, average_updates
 from fedit.federation.flower import Roster, RunFailed, ask, config, to_arrays, to_tensors, wait_for_nodes
+from fedit.federation.report import write_private
 from fedit.federation.settings import FedSettings
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,10 @@ def _with_global(nodes: list[int], glob: dict[str, torch.Tensor], **values) -> d
     return out
 
 
-def _setup(grid: Grid, s: FedSettings, at_least: int = 0) -> tuple[list[int], dict[int, str], dict[str, list]]:
-    """The client nodes, their client ids and the case ids each will edit. ``at_least`` > 0: every
-    node connected once that many are (a catch-up: the others' nodes may have gone)."""
+def _setup(grid: Grid, s: FedSettings, at_least: int = 0) -> tuple[list[int], dict[int, str]]:
+    """The client nodes and their client ids (no case ids: fact ids on the wire are opaque tokens).
+    ``at_least`` > 0: every node connected once that many are (a catch-up: the others' nodes may
+    have gone)."""
     nodes = wait_for_nodes(grid, at_least or s.clients, s.node_timeout)
     if at_least:
         nodes = sorted(grid.get_node_ids())
@@ -53,7 +54,7 @@ def _setup(grid: Grid, s: FedSettings, at_least: int = 0) -> tuple[list[int], di
     cid = {n: str(setup[n]["config"]["client"]) for n in nodes}
     if len(set(cid.values())) != len(nodes):
         raise RunFailed(f"two clients share an id: {sorted(cid.values())}; give each SuperNode its own partition-id.")
-    return nodes, cid, {cid[n]: json.loads(str(setup[n]["config"]["case_ids"])) for n in nodes}
+    return nodes, cid
 
 
 def _slot(grid: Grid, roster: Roster, server: FedEditServer, slot: int, catching_up: bool = False) -> dict[str, Any]:
@@ -63,19 +64,21 @@ def _slot(grid: Grid, roster: Roster, server: FedEditServer, slot: int, catching
     t0 = time.perf_counter()
     cid = roster.ids
     replies = roster.ask(grid, "query.edit", lambda n: config(slot=slot), f"slot{slot}-edit", slot=slot)
-    uploaded = {}
-    for n in replies:
-        batch = batch_from(replies[n], owner=cid[n])
-        if not (catching_up and server.store.count(slot=slot, owner=cid[n])):
-            server.receive(cid[n], slot, batch)
-        uploaded[cid[n]] = len(batch)
+    batches = {cid[n]: upload_from(replies[n], cid[n]) for n in replies}
+    # a catch-up does not store twice what the store kept of a client from before it went missing
+    kept = {c: b for c, b in batches.items() if not (catching_up and server.store.count(slot=slot, owner=c))}
+    uploaded, rejected = server.receive_slot(slot, kept)
+    uploaded.update({c: server.store.count(slot=slot, owner=c) for c in batches if c not in kept})
     hits = {n: server.hits_for(cid[n], slot) for n in replies}
     replies = roster.ask(grid, "query.reuse", lambda n: batch_content(hits[n][0], slot=slot), f"slot{slot}-reuse",
                          slot=slot)
     reuse = {cid[n]: json.loads(str(replies[n]["config"]["json"])) for n in replies}
+    for n in replies:  # the receivers' refusals, each sender named from the server's own store
+        rejected += server.senders(reuse[cid[n]].get("rejected", []), cid[n], hits[n][1])
     log.info("slot %d: uploaded %s, reused %s", slot, uploaded, {k: v["applied"] for k, v in reuse.items()})
     return {"slot": slot, "uploaded": uploaded, "hits": {cid[n]: hits[n][1] for n in replies},
-            "reuse": reuse, "missing": sorted(m["client"] for m in roster.missing if m.get("slot") == slot),
+            "reuse": reuse, "rejected": rejected,
+            "missing": sorted(m["client"] for m in roster.missing if m.get("slot") == slot),
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -124,19 +127,13 @@ def _fedavg(grid: Grid, s: FedSettings, roster: Roster) -> dict[str, Any]:
     return out
 
 
-def _write(out: Path, result: dict[str, Any]) -> None:
-    tmp = out / "federation.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "federation.json")
-
-
 def _catch_up(grid: Grid, s: FedSettings) -> dict[str, Any]:
     """``resume=true``: the clients the run in ``s.out`` lists as missing redo their slots
     (``federation.resume``); the results are merged into its ``federation.json``."""
     t0 = time.perf_counter()
     previous = resume.previous_run(Path(s.out), s.to_user_config())
     wanted = resume.to_catch_up(previous)
-    nodes, cid, _ = _setup(grid, s, at_least=len(wanted))
+    nodes, cid = _setup(grid, s, at_least=len(wanted))
     back = [n for n in nodes if cid[n] in wanted]
     if not back:
         raise RunFailed(f"none of the missing clients {wanted} is among the connected nodes "
@@ -144,7 +141,7 @@ def _catch_up(grid: Grid, s: FedSettings) -> dict[str, Any]:
     roster = Roster(back, cid)
     caught = _fededit(grid, s, roster, catching_up=True)
     result = resume.merge(previous, caught, roster.missing, [cid[n] for n in back], time.perf_counter() - t0)
-    _write(Path(s.out), result)
+    write_private(Path(s.out) / "federation.json", result)
     return result
 
 
@@ -158,15 +155,15 @@ def run_server(grid: Grid, s: FedSettings) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    nodes, cid, case_ids = _setup(grid, s)
+    nodes, cid = _setup(grid, s)
     roster = Roster(nodes, cid)
-    result: dict[str, Any] = {"settings": s.to_user_config(), "clients": [cid[n] for n in nodes], "case_ids": case_ids}
+    result: dict[str, Any] = {"settings": s.to_user_config(), "clients": [cid[n] for n in nodes]}
     result.update(_fededit(grid, s, roster))
     if s.baseline == "fedavg":
         result["fedavg"] = _fedavg(grid, s, roster)
     result["missing"] = roster.missing
     result["seconds"] = round(time.perf_counter() - t0, 3)
-    _write(out, result)
+    write_private(out / "federation.json", result)
     return result
 
 
@@ -182,7 +179,7 @@ def make_server_app(settings: FedSettings | None = None) -> ServerApp:
             run_server(grid, s)
         except Exception as e:  # record why, for the caller, then fail the run
             Path(s.out).mkdir(parents=True, exist_ok=True)
-            (Path(s.out) / "federation.error.json").write_text(json.dumps({"error": str(e)}))
+            write_private(Path(s.out) / "federation.error.json", {"error": str(e)})
             raise
 
     return app

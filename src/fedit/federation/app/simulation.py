@@ -17,8 +17,9 @@ def backend_config(settings: FedSettings) -> dict[str, Any]:
             "client_resources": {"num_cpus": 1, "num_gpus": gpus}}
 
 
-def run_federation(settings: FedSettings) -> dict[str, Any]:
-    """Run the Flower simulation; return what the ServerApp wrote (federation.json)."""
+def run_federation(settings: FedSettings, node_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the Flower simulation; return what the ServerApp wrote (federation.json). ``node_config``
+    is every simulated node's own config (consent keys, ``federation.privacy``)."""
     from fedit.extras import require
 
     require("flwr.simulation", "fed")  # Flower's simulation engine (with Ray)
@@ -41,7 +42,7 @@ def run_federation(settings: FedSettings) -> dict[str, Any]:
         (out / name).unlink(missing_ok=True)
     err = out / "federation.error.json"
     try:
-        run_simulation(server_app=make_server_app(settings), client_app=make_client_app(settings),
+        run_simulation(server_app=make_server_app(settings), client_app=make_client_app(settings, node_config),
                        num_supernodes=settings.clients, backend_config=backend_config(settings))
     except Exception as e:  # the engine re-raises the ServerApp's failure
         if not err.exists():

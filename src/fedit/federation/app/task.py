@@ -14,6 +14,7 @@ import torch
 
 from fedit.deltas import WeightDeltas
 from fedit.federation.fededit import FedEditClient, fedavg_update
+from fedit.federation.privacy import check_consent
 from fedit.federation.settings import FedSettings, client_records
 
 _MODELS: dict[tuple, Any] = {}  # loaded models and their Resources, per process
@@ -46,6 +47,11 @@ def resources_for(s: FedSettings):
     return _MODELS[key]
 
 
+def client_id(node_config: dict[str, Any]) -> str:
+    """The node's client id: ``client-id`` from its node config, else ``client-<partition-id>``."""
+    return str(node_config.get("client-id", f"client-{int(node_config.get('partition-id', 0))}"))
+
+
 @contextmanager
 def client_session(s: FedSettings, node_config: dict[str, Any], saved: dict[str, Any] | None,
                    lm=None) -> Iterator[tuple[FedEditClient, list]]:
@@ -53,16 +59,19 @@ def client_session(s: FedSettings, node_config: dict[str, Any], saved: dict[str,
 
     However the block ends, the model is back at its base weights (the process's model is
     shared by every node it serves). ``saved``: what ``FedEditClient.state()`` returned last.
+    Plaintext requests are sent only with the node's own consent (``privacy.check_consent``: a
+    paper-mode run without it is refused here, before the model is loaded).
     """
     from fedit.methods import hparams_for
 
-    lm = lm if lm is not None else model_for(s)
     pid = int(node_config.get("partition-id", 0))
     npart = int(node_config.get("num-partitions", s.clients))
-    cid = str(node_config.get("client-id", f"client-{pid}"))
+    cid = client_id(node_config)
+    share = check_consent(s.mode, node_config, cid)  # the node's own consent, never the run config's
+    lm = lm if lm is not None else model_for(s)
     hp = hparams_for(s.method, lm, s.hparam_overrides(), s.hparams_file or None)
-    client = FedEditClient(cid, lm, hp, resources_for(s), mode=s.mode, share_requests=s.share_requests,
-                           match=s.match, method=s.method)
+    client = FedEditClient(cid, lm, hp, resources_for(s), mode=s.mode, share_requests=share,
+                           match=s.match, method=s.method, norm_factor=s.norm_factor)
     try:
         if saved is not None:
             client.load_state(saved)
@@ -94,9 +103,10 @@ def fedavg_step(client: FedEditClient, glob: dict[str, torch.Tensor], records: l
     return upd, {"n": len(records), "seconds": time.perf_counter() - t0, "target_seconds": t_target}
 
 
-def evaluate_step(client: FedEditClient, records: list, dataset: str,
-                  glob: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Per-record metrics before and after: the client's own edits, or the FedAvg global update.
+def evaluate_step(client: FedEditClient, records: list, dataset: str, glob: dict[str, torch.Tensor] | None = None,
+                  facts: list[str] | None = None) -> dict[str, Any]:
+    """Metrics before and after: the client's own edits, or the FedAvg global update. The aggregates
+    always; per record only when ``facts`` (one token per record) is given, i.e. the node opted in.
 
     The client's edits are on the model on entry; on return the model is at its base weights."""
     from fedit.evaluate.runner import aggregate, measure, record_metrics
@@ -115,6 +125,7 @@ def evaluate_step(client: FedEditClient, records: list, dataset: str,
     kind = "zsre" if dataset == "zsre" else "counterfact"
     pre = [record_metrics(r, None, kind) for r in raw_pre]
     post = [record_metrics(r, p, kind) for r, p in zip(raw_post, raw_pre)]
-    return {"client": client.id, "pre": aggregate(pre), "post": aggregate(post),
-            "per_record": [{"case_id": r.case_id, "pre": a, "post": b} for r, a, b in zip(records, pre, post)],
-            "report": client.report.to_dict()}
+    out = {"client": client.id, "pre": aggregate(pre), "post": aggregate(post), "report": client.report.to_dict()}
+    if facts is not None:
+        out["per_record"] = [{"fact": f, "pre": a, "post": b} for f, a, b in zip(facts, pre, post)]
+    return out
