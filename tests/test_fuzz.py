@@ -313,7 +313,8 @@ def test_fuzz_hparams_json(method, lm, work):
 
     m = get_method(method)
     base = json.loads(json.dumps(__import__("dataclasses").asdict(
-        resolve_hparams(m.hparams_class, m.name, lm.name, lm.model_type, lm.adapter.n_layers)[0])))
+        resolve_hparams(m.hparams_class, m.name, lm.name, lm.model_type, lm.adapter.n_layers,
+                        overrides={"layers": [1]})[0])))
 
     @FUZZ
     @given(data=mutated_json_bytes(base))
@@ -360,7 +361,7 @@ def cache_entry(lm, work):
 
     cache = TargetCache(work / "targets")
     req = EditRequest(**{k: v for k, v in REQUESTS[0].items()})
-    (key,) = cache.keys(lm, [req], ["{}"], TargetConfig(layer=1))
+    (key,) = cache.keys(lm, [req], ["{}"], TargetConfig(layer=1, site="w_out"))
     d = lm.adapter.d_model
     cache.put(key, TargetResult(z=torch.ones(d), h=torch.zeros(d), nll_start=3.0, nll_end=0.1, steps=5,
                                 seconds=1.0, history=[3.0, 0.1]))
@@ -461,3 +462,204 @@ def test_dataset_file_nested_too_deep_or_with_a_huge_number_is_a_dataset_error(t
     (tmp_path / "d.json").write_text(text)
     with pytest.raises(DatasetError, match="d.json"):
         load_records("counterfact", tmp_path / "d.json")
+
+
+def _resave(src: bytes, dst: Path, change) -> Path:
+    """An edit file with its safetensors header changed by ``change(header)``."""
+    from fuzzing import join_safetensors
+
+    header, data = split_safetensors(src)
+    change(header)
+    dst.write_bytes(join_safetensors(header, data))
+    return dst
+
+
+@pytest.mark.parametrize("key,value", [("requests", '{"a": 1}'), ("model", "[" * 50_000 + "]" * 50_000),
+                                       ("hparams", '{"n": ' + "9" * 5000 + "}")],
+                         ids=["requests-an-object", "model-nested-too-deep", "hparams-5000-digit-number"])
+def test_edit_file_metadata_of_the_wrong_type_or_unparsable_is_a_delta_file_error(key, value, edit_files, tmp_path):
+    from fedit.errors import DeltaFileError
+    from fedit.memory import load_edit
+
+    path = _resave(edit_files["deltas"], tmp_path / "e.safetensors",
+                   lambda h: h["__metadata__"].__setitem__(key, value))
+    with pytest.raises(DeltaFileError, match=key):
+        load_edit(path)
+
+
+def test_edit_file_whose_originals_do_not_match_its_deltas_is_refused_at_load(edit_files, tmp_path):
+    """Found: an original renamed away made apply() fail with a raw KeyError."""
+    from fedit.errors import DeltaFileError
+    from fedit.memory import load_edit
+
+    def rename(h):
+        name = next(k for k in h if k.startswith("orig/"))
+        h[name + "x"] = h.pop(name)
+
+    with pytest.raises(DeltaFileError, match="original weights do not match"):
+        load_edit(_resave(edit_files["deltas"], tmp_path / "e.safetensors", rename))
+
+
+def test_edit_file_with_integer_deltas_is_refused(edit_files, tmp_path):
+    from fedit.errors import DeltaFileError
+    from fedit.memory import load_edit
+
+    def to_int(h):
+        for k in h:
+            if k != "__metadata__":
+                h[k]["dtype"] = "I32"
+
+    with pytest.raises(DeltaFileError, match="not floating point"):
+        load_edit(_resave(edit_files["deltas"], tmp_path / "e.safetensors", to_int))
+
+
+@pytest.mark.parametrize("change", ["drop-keys", "values-wrong-width", "nan-radii"])
+def test_grace_memory_missing_or_misshapen_tensor_is_refused_before_any_hook(change, lm, edit_files, tmp_path):
+    """Found: a memory without 'keys' was a raw KeyError; values of another width failed inside the
+    forward pass (mat1 and mat2 shapes cannot be multiplied)."""
+    from fedit.errors import DeltaFileError
+    from fedit.memory import MemoryEdit
+
+    mem = MemoryEdit.load(_write(tmp_path, "m.safetensors", edit_files["memory"]))
+    if change == "drop-keys":
+        del mem.tensors["keys"]
+    elif change == "values-wrong-width":
+        mem.tensors["values"] = mem.tensors["values"][:, :-1]
+    else:
+        mem.tensors["radii"] = torch.full_like(mem.tensors["radii"], float("nan"))
+    hooks = sum(len(m._forward_hooks) for m in lm.model.modules())
+    with pytest.raises(DeltaFileError, match="memory's tensor"):
+        mem.apply(lm.model)
+    assert sum(len(m._forward_hooks) for m in lm.model.modules()) == hooks
+
+
+def _store_with(path: Path, sql: str, args=()) -> Path:
+    _make_store(path)
+    with sqlite3.connect(path) as conn:
+        conn.execute(sql, args)
+    return path
+
+
+@pytest.mark.parametrize("sql,args", [
+    ("UPDATE clients SET info=CAST(? AS TEXT) WHERE rowid=1", (b"\xff\xfe{}",)),
+    ("UPDATE clients SET info='not json' WHERE rowid=1", ()),
+    ("UPDATE settings SET value='0.0' WHERE key='dim'", ()),
+    ("UPDATE settings SET value='4' WHERE key='dim'", ()),
+    ("UPDATE mkvs SET meta='[1]' WHERE id=1", ()),
+    ("UPDATE mkvs SET slot='zero' WHERE id=1", ()),
+    ("UPDATE mkvs SET payload=? WHERE id=1", (None,)),
+], ids=["info-not-utf8", "info-not-json", "dim-not-a-whole-number", "dim-unlike-the-vectors", "meta-a-list",
+        "slot-text", "payload-dropped"])
+def test_store_with_a_changed_row_is_a_store_error_on_read(sql, args, tmp_path):
+    """Found: non-UTF-8 text was a raw UnicodeDecodeError, client info that is not JSON a
+    JSONDecodeError, a dim setting of '0.0' a ValueError, and vectors of 8 values in a store
+    whose setting says 4 (or a slot stored as text) were handed out as valid MKVs."""
+    from fedit.errors import StoreError
+    from fedit.federation.store import MKVStore
+
+    path = _store_with(tmp_path / "s.sqlite", sql, args)
+    if "payload" in sql:  # dropping a payload is allowed: the record simply has none
+        _read_everything(path)
+        return
+    with pytest.raises(StoreError):
+        _read_everything(path)
+        with MKVStore(path) as s:
+            s.get([1])  # the changed record, whichever slot it now claims
+
+
+def test_store_payload_holding_nan_is_a_store_error(tmp_path):
+    from safetensors.torch import save
+
+    from fedit.errors import StoreError
+
+    path = _store_with(tmp_path / "s.sqlite", "UPDATE mkvs SET payload=? WHERE id=1",
+                       (save({"keys.1": torch.full((2, 4), float("nan"))}),))
+    with pytest.raises(StoreError, match="NaN"):
+        _read_everything(path)
+
+
+def test_store_file_with_a_malformed_page_is_a_store_error(tmp_path):
+    """Found: 'database disk image is malformed' came out of for_slot() as a raw sqlite3 error."""
+    from fedit.errors import StoreError
+
+    path = tmp_path / "s.sqlite"
+    _make_store(path)
+    data = bytearray(path.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    data[page * 2 + 100: page * 3] = b"\xa5" * (page - 100)  # the mkvs table's page, garbled
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="s.sqlite"):
+        _read_everything(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), [0.5], "fast"], ids=["nan", "a-list", "text"])
+def test_hparams_file_value_of_the_wrong_type_or_nan_is_an_hparams_error(value, lm, tmp_path):
+    """Found: FT-L took num_steps=NaN silently; ROME's checks met a list with a raw TypeError."""
+    from fedit.errors import HparamsError
+    from fedit.methods import get_method
+    from fedit.methods.hparams import resolve_hparams
+
+    for method, key in (("ft-l", "num_steps"), ("rome", "v_lr")):
+        (tmp_path / "hp.json").write_text(json.dumps({key: value}))
+        m = get_method(method)
+        with pytest.raises(HparamsError, match=key):
+            resolve_hparams(m.hparams_class, m.name, lm.name, lm.model_type, lm.adapter.n_layers,
+                            overrides={"layers": [1]}, file=tmp_path / "hp.json")
+
+
+@pytest.mark.parametrize("change", ["not-utf8", "v_loss_layer-a-list", "module-path-a-list", "model_name-a-number"])
+def test_easyedit_yaml_damaged_is_an_hparams_error(change, lm, tmp_path):
+    """Found: a YAML file that is not UTF-8 was a raw UnicodeDecodeError; a list where EasyEdit
+    writes a number or a module path was a raw TypeError."""
+    from fedit.editor import load_hparams
+    from fedit.errors import HparamsError
+
+    data = dict(_YAML)
+    if change == "v_loss_layer-a-list":
+        data["v_loss_layer"] = [1]
+    elif change == "module-path-a-list":
+        data["rewrite_module_tmp"] = [{"a": 1}]
+    elif change == "model_name-a-number":
+        data["model_name"] = 7
+    text = yaml.safe_dump(data).encode()
+    (tmp_path / "hp.yaml").write_bytes(b"\xe1" + text if change == "not-utf8" else text)
+    with pytest.raises(HparamsError):
+        load_hparams(tmp_path / "hp.yaml", model=lm if change != "model_name-a-number" else None)
+
+
+def test_statistics_of_integers_are_refused_and_a_partial_file_without_metadata_starts_over(stats_file, tmp_path):
+    """Found: a partial statistics file without metadata was a raw TypeError."""
+    from safetensors.torch import save_file
+
+    from fedit.errors import StatsError
+    from fedit.stats_cache import load_partial, load_second_moment
+
+    save_file({"mom2": torch.eye(16, dtype=torch.int64)}, str(tmp_path / "s.safetensors"))
+    with pytest.raises(StatsError, match="not real numbers"):
+        load_second_moment(tmp_path / "s.safetensors", 16)
+    save_file({"sum1": torch.eye(16)}, str(tmp_path / "p.safetensors"))
+    assert load_partial(tmp_path / "p.safetensors", {1: 16}, "cpu") is None
+    save_file({"sum1": torch.eye(8)}, str(tmp_path / "p.safetensors"), metadata={"tokens": "3", "chunks": "1"})
+    assert load_partial(tmp_path / "p.safetensors", {1: 16}, "cpu") is None  # sums of another layer size
+
+
+def test_forged_target_cache_entry_of_the_wrong_shape_is_recomputed(cache_entry, lm, caplog):
+    """A cache entry whose key and checksum were forged to match but whose target has another
+    size than the model's site is refused by the shape check (and recomputed by the caller)."""
+    from fedit.target_cache import _checksum
+
+    cache, key = cache_entry
+    path = cache._path(key)
+    base = path.read_bytes()
+    data = torch.load(path, weights_only=True)
+    data.pop("checksum"), data.pop("key")
+    data["z"], data["h"] = torch.ones(8), torch.zeros(8)
+    data.update(checksum=_checksum(data), key=key)
+    torch.save(data, path)
+    try:
+        with caplog.at_level("WARNING", logger="fedit.target_cache"):
+            assert cache.get(key) is None
+    finally:
+        path.write_bytes(base)
+    assert "z has shape (8,)" in caplog.text and f"({lm.adapter.d_model},)" in caplog.text
+    assert cache.get(key) is not None
