@@ -208,3 +208,61 @@ def test_forced_absurd_delta_still_prints_valid_json(tiny_model_dir, saved_edit,
 
     out = json.loads(line, parse_constant=refuse)  # NaN/Infinity are not JSON
     assert code == 0 and out["requests"][0]["after"]["target_prob"] is None  # the broken model's NaN, as null
+
+
+def test_save_folder_unwritable_after_the_check_keeps_the_computed_edit(tiny_model_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    """``--save`` passes the check before the edit, then its folder goes away (replaced by a file)
+    while the edit is computed: exit 2 naming the path, and the computed edit is kept in the
+    cache folder, where the message says, loadable as it is."""
+    import fedit.api
+
+    from fedit.deltas import WeightDeltas
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "hp.json").write_text(json.dumps(FAST))
+    real = fedit.api.sequential_edit
+
+    def edit_then_lose_the_folder(*a, **k):
+        results = real(*a, **k)
+        out.rename(tmp_path / "moved")
+        out.write_text("now a file")  # writing out/e.safetensors fails: Not a directory
+        return results
+
+    monkeypatch.setattr(fedit.api, "sequential_edit", edit_then_lose_the_folder)
+    code, err = run_json(capsys, main, [*EDIT, *ONE, "--hparams", str(tmp_path / "hp.json"), "--model",
+                                        str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"),
+                                        "--save", str(out / "e.safetensors"), "--json"])
+    assert code == 2 and f"cannot write {out / 'e.safetensors'}" in err["error"], err
+    (kept,) = (tmp_path / "cache" / "unsaved").glob("*.safetensors")
+    assert f"kept in {kept}" in err["error"] and f"mv {kept} {out / 'e.safetensors'}" in err["fix"]
+    wd = WeightDeltas.load(kept)
+    assert wd.method == "rome" and wd.originals is not None and len(wd.deltas) == 1
+    assert out.read_text() == "now a file" and not list((tmp_path / "moved").iterdir())
+
+
+def test_forged_target_cache_entry_of_the_wrong_shape_is_recomputed_not_used(tiny_model_dir, tmp_path, capsys,
+                                                                             caplog):
+    """A target-cache entry whose key and checksum were forged to match but whose vectors have
+    another size than the model's is refused by the shape check at load time: the run warns,
+    recomputes the target and gives the same edit as with a clean cache."""
+    from fedit.target_cache import _checksum
+
+    (tmp_path / "hp.json").write_text(json.dumps(FAST))
+    argv = [*EDIT, *ONE, "--hparams", str(tmp_path / "hp.json"), "--model", str(tiny_model_dir), "--cache-dir",
+            str(tmp_path / "cache"), "--target-cache", str(tmp_path / "targets"), "--json"]
+    code, first = run_json(capsys, main, argv)
+    (entry,) = (tmp_path / "targets").rglob("*.pt")
+    data = torch.load(entry, weights_only=True)
+    key = data.pop("key")
+    data.pop("checksum")
+    data["z"], data["h"] = torch.ones(8), torch.zeros(8)  # another model's size; checksum and key recomputed
+    data.update(checksum=_checksum(data), key=key)
+    torch.save(data, entry)
+    with caplog.at_level("WARNING", logger="fedit.target_cache"):
+        code2, second = run_json(capsys, main, argv)
+    assert code == code2 == 0
+    assert "z has shape (8,)" in caplog.text and "recomputed" in caplog.text
+    assert second["requests"][0]["after"] == first["requests"][0]["after"]
+    assert torch.load(entry, weights_only=True)["z"].shape != (8,)  # the entry was rewritten

@@ -30,12 +30,21 @@ def replace_with(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise _write_error(path, e) from e
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
     return path
+
+
+def _remove(tmp: Path) -> None:
+    """Remove a temporary file if it is there; a folder that went away (or became a file) under
+    it must not hide the write error."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -52,6 +52,34 @@ def read_edit_file(path: str | os.PathLike, fix: str = READ_FIX) -> tuple[dict[s
     return meta, tensors
 
 
+def meta_fields(path: str | os.PathLike, meta: dict[str, str], fields: dict[str, type]) -> dict[str, Any]:
+    """The edit file's metadata entries named in ``fields``, JSON-decoded where the type is not
+    ``str``, each checked to be of its type; a missing, undecodable or mistyped one is a
+    DeltaFileError (a damaged or hand-made file)."""
+    out = {}
+    for key, kind in fields.items():
+        try:
+            value = meta[key] if kind is str else json.loads(meta[key])
+        except KeyError:
+            raise DeltaFileError(f"{path} has damaged metadata (no {key!r}).", "recompute the edit.") from None
+        except (ValueError, RecursionError) as e:  # not JSON, nested too deep, a number over the digit limit
+            raise DeltaFileError(f"{path} has damaged metadata ({key!r}: {type(e).__name__}).",
+                                 "recompute the edit.") from None
+        if not isinstance(value, kind):
+            raise DeltaFileError(f"{path} has damaged metadata ({key!r} is a {type(value).__name__}, not a "
+                                 f"{kind.__name__}).", "recompute the edit.")
+        out[key] = value
+    return out
+
+
+def check_float_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors of an edit file that are not real floating-point numbers (a changed dtype)."""
+    bad = [k for k, t in tensors.items() if not t.is_floating_point()]
+    if bad:
+        raise DeltaFileError(f"{path} holds tensor(s) {bad[:3]} of dtype {tensors[bad[0]].dtype}, not floating point.",
+                             READ_FIX)
+
+
 @dataclass
 class WeightDeltas:
     """Additive updates for named parameters, plus what produced them."""
@@ -153,14 +181,17 @@ class WeightDeltas:
         if meta.get("format") != FORMAT:
             raise DeltaFileError(f"{path} is not a fedit edit file (format {meta.get('format')!r}).",
                                  "use a file written by `fedit edit --save`.")
-        try:
-            deltas = {k[len("delta/"):]: v for k, v in tensors.items() if k.startswith("delta/")}
-            originals = {k[len("orig/"):]: v for k, v in tensors.items() if k.startswith("orig/")} or None
-            return cls(deltas=deltas, method=meta["method"], model=json.loads(meta["model"]),
-                       requests=json.loads(meta["requests"]), hparams=json.loads(meta["hparams"]),
-                       originals=originals)
-        except (KeyError, json.JSONDecodeError) as e:
-            raise DeltaFileError(f"{path} has damaged metadata ({e}).", "recompute the edit.") from e
+        m = meta_fields(path, meta, {"method": str, "model": dict, "requests": list, "hparams": dict})
+        check_float_tensors(path, tensors)
+        deltas = {k[len("delta/"):]: v for k, v in tensors.items() if k.startswith("delta/")}
+        originals = {k[len("orig/"):]: v for k, v in tensors.items() if k.startswith("orig/")} or None
+        if not deltas:
+            raise DeltaFileError(f"{path} holds no deltas.", READ_FIX)
+        if originals is not None and ({n: tuple(t.shape) for n, t in originals.items()}
+                                      != {n: tuple(t.shape) for n, t in deltas.items()}):
+            raise DeltaFileError(f"{path}: its original weights do not match its deltas (names or shapes).", READ_FIX)
+        return cls(deltas=deltas, method=m["method"], model=m["model"], requests=m["requests"],
+                   hparams=m["hparams"], originals=originals)
 
     def metadata(self) -> dict[str, Any]:
         return {"method": self.method, "model": self.model, "requests": self.requests, "hparams": self.hparams,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import os
 import weakref
 from contextlib import contextmanager
@@ -40,7 +41,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from fedit.deltas import read_edit_file, write_edit_file
+from fedit.deltas import meta_fields, read_edit_file, write_edit_file
 from fedit.errors import DeltaFileError
 
 FORMAT = "fedit-memory/1"
@@ -157,13 +158,11 @@ class MemoryEdit:
         if meta.get("format") != FORMAT:
             raise DeltaFileError(f"{path} is not a fedit memory edit (format {meta.get('format')!r}).",
                                  "open it with fedit.load_edit, which reads every kind of edit file.")
-        try:
-            return cls(kind=meta["kind"], sites=json.loads(meta["sites"]), config=json.loads(meta["config"]),
-                       tensors={k[len("mem/"):]: v for k, v in tensors.items() if k.startswith("mem/")},
-                       method=meta["method"], model=json.loads(meta["model"]),
-                       requests=json.loads(meta["requests"]), hparams=json.loads(meta["hparams"]))
-        except (KeyError, json.JSONDecodeError) as e:
-            raise DeltaFileError(f"{path} has damaged metadata ({e}).", "recompute the edit.") from e
+        m = meta_fields(path, meta, {"kind": str, "sites": list, "config": dict, "method": str, "model": dict,
+                                     "requests": list, "hparams": dict})
+        if not m["sites"] or not all(isinstance(x, str) for x in m["sites"]):
+            raise DeltaFileError(f"{path} has damaged metadata ('sites' must name modules).", "recompute the edit.")
+        return cls(tensors={k[len("mem/"):]: v for k, v in tensors.items() if k.startswith("mem/")}, **m)
 
     def metadata(self) -> dict[str, Any]:
         return {"method": self.method, "model": self.model, "requests": self.requests, "hparams": self.hparams,
@@ -232,6 +231,45 @@ def is_memory(edit: Any) -> bool:
 
 
 # --- helpers for installers ---------------------------------------------------------------
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a linear layer: ``nn.Linear`` or GPT-2's ``Conv1D`` (weight [d_in, d_out])."""
+    if hasattr(module, "in_features"):
+        return int(module.in_features), int(module.out_features)
+    if hasattr(module, "nf"):
+        return int(module.weight.shape[0]), int(module.nf)
+    d_out, d_in = module.weight.shape
+    return int(d_in), int(d_out)
+
+
+def memory_tensor(edit: "MemoryEdit", name: str, shape: tuple[int | None, ...], floating: bool = True) -> torch.Tensor:
+    """``edit.tensors[name]`` checked before any hook is installed: present, of ``shape`` (None:
+    any size), real floating point and finite (``floating``) or integer; else a DeltaFileError
+    (a damaged or hand-made memory file)."""
+    t = edit.tensors.get(name)
+    why = None
+    if t is None:
+        why = "is missing"
+    elif t.dim() != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
+        why = f"has shape {tuple(t.shape)}, the model needs {tuple('n' if d is None else d for d in shape)}"
+    elif floating and not (t.is_floating_point() and bool(torch.isfinite(t).all())):
+        why = f"is {t.dtype} or holds NaN/Inf, not finite real numbers"
+    elif not floating and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        why = f"is {t.dtype}, not whole numbers"
+    if why:
+        raise DeltaFileError(f"the {edit.method} memory's tensor {name!r} {why}.",
+                             f"recompute the edit, on a {edit.model.get('model_type')} model like {edit.model.get('name')}.")
+    return t
+
+
+def memory_number(edit: "MemoryEdit", key: str) -> float:
+    """``edit.config[key]`` as a finite number, else a DeltaFileError."""
+    v = edit.config.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise DeltaFileError(f"the {edit.method} memory's setting {key!r} is {v!r}, not a finite number.",
+                             "recompute the edit.")
+    return float(v)
+
+
 def output_hook(module: nn.Module, active: Callable[[], bool],
                 fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
     """Forward hook replacing ``module``'s output ``y`` by ``fn(x, y)`` (``x``: its first input)

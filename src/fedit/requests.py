@@ -185,15 +185,17 @@ def load_requests(path: str | Path) -> list[EditRequest]:
         raise RequestError(f"cannot read requests file {p}: {e.strerror or e}.", "check its permissions.") from e
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except RecursionError:
+        raise RequestError(f"{p} nests JSON too deeply to be a list of requests.", f"write a JSON list like [{_EXAMPLE}].") from None
+    except ValueError:  # not one JSON value (or a number over Python's digit limit): try JSONL
         data = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 data.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise RequestError(f"{p}: line {lineno} is not valid JSON ({e.msg}).",
+            except (ValueError, RecursionError) as e:
+                raise RequestError(f"{p}: line {lineno} is not valid JSON ({getattr(e, 'msg', e)}).",
                                    "write a JSON list of requests, or one JSON object per line (JSONL).") from None
     if isinstance(data, dict):
         data = [data]

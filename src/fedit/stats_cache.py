@@ -57,6 +57,42 @@ def check_second_moment(C: torch.Tensor, d_in: int, path: Path) -> None:
         raise StatsError(f"the statistics file {path} {bad}.", "delete it; the next run recomputes it.")
 
 
+def load_second_moment(path: Path, d_in: int) -> torch.Tensor:
+    """The cached E[k kᵀ] in ``path`` as float32 [d_in, d_in]; a file that is unreadable, not a
+    real float tensor, or not a second moment (:func:`check_second_moment`) is a StatsError."""
+    try:
+        C = load_file(str(path))["mom2"]
+    except (SafetensorError, KeyError, OSError) as e:
+        raise StatsError(f"the statistics file {path} is corrupt ({e}).", "delete it; the next run recomputes it.") from e
+    if not C.is_floating_point():
+        raise StatsError(f"the statistics file {path} holds {C.dtype} values, not real numbers.",
+                         "delete it; the next run recomputes it.")
+    C = C.float()
+    check_second_moment(C, d_in, path)
+    return C
+
+
+def load_partial(path: Path, dims: dict[int, int], device) -> MomentSums | None:
+    """The running sums of an interrupted computation (``dims``: layer -> d_in), or None when the
+    file is missing or unusable (logged; the computation starts over)."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            sums = {l: f.get_tensor(f"sum{l}") for l in dims}
+        tokens, chunks = int(meta["tokens"]), int(meta["chunks"])
+        for l, t in sums.items():
+            if tuple(t.shape) != (dims[l], dims[l]) or not t.is_floating_point() or not torch.isfinite(t).all():
+                raise ValueError(f"sum{l} is {t.dtype} {tuple(t.shape)} or not finite, not ({dims[l]}, {dims[l]})")
+        if tokens <= 0 or chunks <= 0:
+            raise ValueError(f"it counts {tokens} tokens in {chunks} chunks")
+    except (SafetensorError, KeyError, OSError, ValueError) as e:
+        log.warning("ignoring unreadable partial statistics %s (%s); starting over", path, e)
+        return None
+    return MomentSums(sums={l: t.to(device) for l, t in sums.items()}, tokens=tokens, chunks=chunks)
+
+
 def second_moments(lm, layers: list[int], corpus: str | Path | Corpus | None = None, samples: int = 1000,
                    seq_len: int = 128, batch_size: int = 8, cache_dir: str | os.PathLike | None = None,
                    progress: bool = False, checkpoint_seconds: float = 20.0) -> dict[int, torch.Tensor]:
@@ -76,29 +112,15 @@ def second_moments(lm, layers: list[int], corpus: str | Path | Corpus | None = N
     out: dict[int, torch.Tensor] = {}
     for l, path in final.items():
         if path.exists():
-            try:
-                C = load_file(str(path))["mom2"]
-            except (SafetensorError, KeyError, OSError) as e:
-                raise StatsError(f"the statistics file {path} is corrupt ({e}).",
-                                 "delete it; the next run recomputes it.") from e
-            check_second_moment(C, lm.adapter.w_out_dims(l)[1], path)
-            out[l] = C.to(lm.device)
+            out[l] = load_second_moment(path, lm.adapter.w_out_dims(l)[1]).to(lm.device)
     missing = [l for l in final if l not in out]
     if not missing:
         return out
 
     partial = folder / f"partial-{'_'.join(map(str, missing))}-{tag}.safetensors"
-    running = None
-    if partial.exists():
-        try:
-            with safe_open(str(partial), "pt") as f:
-                meta = f.metadata()
-                sums = {l: f.get_tensor(f"sum{l}").to(lm.device) for l in missing}
-            running = MomentSums(sums=sums, tokens=int(meta["tokens"]), chunks=int(meta["chunks"]))
-            log.info("resuming statistics at chunk %d/%d from %s", running.chunks, samples, partial)
-        except (SafetensorError, KeyError, OSError, ValueError) as e:
-            log.warning("ignoring unreadable partial statistics %s (%s); starting over", partial, e)
-            running = None
+    running = load_partial(partial, {l: lm.adapter.w_out_dims(l)[1] for l in missing}, lm.device)
+    if running is not None:
+        log.info("resuming statistics at chunk %d/%d from %s", running.chunks, samples, partial)
 
     done = running.chunks if running else 0
     chunks = islice(corpus.chunks(lm.tokenizer, seq_len), done, samples)

@@ -69,6 +69,8 @@ class TargetCache:
                              "pass a writable folder to --target-cache.") from e
         self.hits = 0
         self.misses = 0
+        self._shapes: dict[str, dict[str, int | None]] = {}  # key -> the model's size of each target field
+
 
     def keys(self, lm, requests, templates: list[str], cfg) -> list[str]:
         base = json.dumps({"format": FORMAT, "model": lm.identity()["fingerprint"],
@@ -76,9 +78,11 @@ class TargetCache:
                            "config": {k: v for k, v in asdict(cfg).items() if k != "drop_stopped"},  # speed only
                            "templates": list(templates)}, sort_keys=True)
         out = []
+        shapes = _target_shapes(lm, cfg)
         for r in requests:
             item = json.dumps([r.prompt, r.subject, r.target_new])
             out.append(hashlib.sha256((base + item).encode()).hexdigest())
+            self._shapes[out[-1]] = shapes
         return out
 
     def _path(self, key: str) -> Path:
@@ -99,8 +103,7 @@ class TargetCache:
                 raise ValueError("checksum mismatch (the contents were changed)")
             names = {f.name for f in fields(TargetResult)}
             result = TargetResult(**{k: v for k, v in data.items() if k in names})
-            if not torch.isfinite(result.z).all():
-                raise ValueError("z is not finite")
+            _check_shapes(result, self._shapes.get(key))
         except Exception as e:  # noqa: BLE001 - any damage means "not cached"
             log.warning("target cache: ignoring damaged %s (%s); it will be recomputed", path, e)
             self.misses += 1
@@ -115,6 +118,33 @@ class TargetCache:
         data = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
         data.update(checksum=_checksum(data), key=key)
         replace_with(path, lambda tmp: torch.save(data, tmp))
+
+
+def _target_shapes(lm, cfg) -> dict[str, int | None]:
+    """The size of each vector a target of ``cfg`` has on ``lm`` (None: the field must be absent)."""
+    def size(site):
+        return lm.adapter.w_out_dims(cfg.layer)[0] if site == "w_out" else lm.adapter.d_model
+
+    joint = size(cfg.joint_site) if cfg.joint_site else None
+    return {"z": size(cfg.site), "h": size(cfg.site), "joint_z": joint, "joint_h": joint}
+
+
+def _check_shapes(result, shapes: dict[str, int | None] | None) -> None:
+    """Raise ValueError unless every vector of a cached target is finite and, when the model's
+    sizes are known (the key was made by :meth:`TargetCache.keys`), of the size the model needs:
+    the key and checksum of an entry can be forged, its fit to the model cannot."""
+    for name in ("z", "h", "joint_z", "joint_h"):
+        v = getattr(result, name)
+        want = (shapes or {}).get(name, "any")
+        if v is None:
+            if name in ("z", "h") or want not in (None, "any"):
+                raise ValueError(f"{name} is missing")
+            continue
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or not torch.isfinite(v).all():
+            raise ValueError(f"{name} is not a finite float tensor")
+        if want is None or (want != "any" and tuple(v.shape) != (want,)):
+            raise ValueError(f"{name} has shape {tuple(v.shape)}; the model's site needs "
+                             f"{'none' if want is None else (want,)}")
 
 
 def _checksum(data: dict) -> str:

@@ -9,6 +9,8 @@ smaller low-rank form; ``fedit edit --out DIR`` writes the edited model folder.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 
 from fedit.errors import FeditError
@@ -61,19 +63,46 @@ def save_edit(args, lm, make_deltas) -> dict:
     ``make_deltas()`` builds the :class:`~fedit.deltas.WeightDeltas` (only called when needed).
     """
     out: dict = {}
+    wd = make_deltas() if args.save or args.out else None
     if args.save:
-        wd = make_deltas()
-        if args.format == "peft":
-            out.update(_save_peft(wd, args.save))
-        else:
-            wd.save(args.save)
-            out.update(saved=str(args.save), format="safetensors")
+        try:
+            if args.format == "peft":
+                out.update(_save_peft(wd, args.save))
+            else:
+                wd.save(args.save)
+                out.update(saved=str(args.save), format="safetensors")
+        except FeditError as e:
+            redo = "fedit export {kept} --peft {target}" if args.format == "peft" else "mv {kept} {target}"
+            raise _kept(e, wd, args.save, getattr(args, "cache_dir", None), redo) from e
     if args.out:
         from fedit.cli.apply import save_model
 
-        save_model(lm, args.out, lm.identity())
+        try:
+            save_model(lm, args.out, lm.identity())
+        except FeditError as e:
+            if args.save:  # the edit itself is already saved
+                raise
+            raise _kept(e, wd, args.out, getattr(args, "cache_dir", None), "fedit apply {kept} --out {target}") from e
         out["out"] = str(args.out)
     return out
+
+
+def _kept(error: FeditError, wd, target, cache_dir, redo: str) -> FeditError:
+    """After the edit was computed, writing ``target`` failed (the folder became unwritable, the
+    disk filled): keep the edit in the cache folder so that nothing is lost, and say where
+    (``redo``: the command that finishes the job, with ``{kept}`` and ``{target}``). Returns the error to raise (the original one when the edit cannot be kept either)."""
+    from fedit.paths import cache_root
+
+    try:
+        kept = cache_root(cache_dir) / "unsaved" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.safetensors"
+        wd.save(kept)
+    except FeditError as e2:
+        log.warning("could not keep the computed edit in the cache either: %s", e2)
+        return error
+    log.warning("the computed edit was kept in %s", kept)
+    again = redo.format(kept=kept, target=target)
+    return FeditError(f"{error.problem} The computed edit was kept in {kept}.",
+                      f"nothing needs recomputing: once {target} can be written, {again}.")
 
 
 def describe(saved: dict) -> str:

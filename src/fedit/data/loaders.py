@@ -202,6 +202,9 @@ def _read_json_list(p: Path, kind: str) -> list:
     except json.JSONDecodeError as e:
         raise DatasetError(f"{p} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).",
                            f"give a JSON list of {kind} records, each like {_SCHEMAS[kind]}.") from None
+    except (ValueError, RecursionError) as e:  # a number over Python's digit limit, nesting too deep
+        raise DatasetError(f"{p} cannot be read as JSON ({type(e).__name__}: {str(e)[:80]}).",
+                           f"give a JSON list of {kind} records, each like {_SCHEMAS[kind]}.") from None
     if not isinstance(data, list):
         raise DatasetError(f"{p} holds {_a(_json_type(data))} (JSON), not a list of records.",
                            f"give a JSON list of {kind} records, each like {_SCHEMAS[kind]}.")

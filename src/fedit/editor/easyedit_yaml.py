@@ -72,7 +72,7 @@ def read_file(path: str | Path) -> EasyEditFile:
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:  # ValueError: not UTF-8
         raise HparamsError(f"cannot read the EasyEdit hyperparameter file {p}: {e}.",
                            "give the path of a YAML file like EasyEdit's hparams/ROME/gpt2-xl.yaml.") from e
     if not isinstance(data, dict):
@@ -99,11 +99,15 @@ def read_file(path: str | Path) -> EasyEditFile:
             raise HparamsError(f"{p}: mom2_dataset {corpus!r} is neither 'wikipedia' nor a text file or folder.",
                                "use 'wikipedia' (fedit's WikiText-2 sample) or the path of your own corpus.")
     batch = data.pop("batch_size", None)
-    if batch is not None and (not isinstance(batch, int) or batch < 1):
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise HparamsError(f"{p}: batch_size must be a positive integer, got {batch!r}.", "e.g. batch_size: 1")
-    return EasyEditFile(path=p, method=method, model_name=data.pop("model_name", None),
+    texts = {k: data.pop(k, None) for k in ("model_name", "stats_dir")}
+    for k, v in texts.items():
+        if v is not None and not isinstance(v, str):
+            raise HparamsError(f"{p}: {k} must be text, got {v!r}.", f"write {k} as a name or path, or remove it.")
+    return EasyEditFile(path=p, method=method, model_name=texts["model_name"],
                         device=None if device is None else str(device), dtype="float16" if fp16 else None,
-                        batch_size=batch, cache_dir=data.pop("stats_dir", None),
+                        batch_size=batch, cache_dir=texts["stats_dir"],
                         corpus=None if corpus is None else str(corpus), settings=data)
 
 
@@ -127,7 +131,7 @@ def _module_paths(lm) -> dict[str, set[str]]:
 
 def _check_module(f: EasyEditFile, key: str, value: Any, lm, paths: dict[str, set[str]]) -> None:
     values = value if key == "rewrite_module_tmps" and isinstance(value, list) else [value]
-    bad = [v for v in values if v not in paths[key]]
+    bad = [v for v in values if not isinstance(v, str) or v not in paths[key]]
     if bad:
         raise HparamsError(
             f"{f.path}: {key} is {value!r}, but fedit's adapter for {lm.model_type} models puts that module at "
@@ -173,7 +177,7 @@ def translate(f: EasyEditFile, hparams_class: type, lm) -> dict[str, Any]:
         elif key in MODULE_KEYS:
             _check_module(f, key, value, lm, paths)
         elif key == "v_loss_layer":
-            if int(value) != lm.adapter.n_layers - 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value != lm.adapter.n_layers - 1:
                 raise HparamsError(f"{f.path}: v_loss_layer is {value}, but fedit scores targets at the model's "
                                    f"output (layer {lm.adapter.n_layers - 1} of this model).",
                                    "remove v_loss_layer or set it to the last layer.")

@@ -134,9 +134,9 @@ class MKVStore:
                              "check the path and its permissions, or point to another path.") from e
         try:
             self._dim = self._open(conn, dim)
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
             conn.close()
-            raise StoreError(f"{self.path} is not a readable SQLite database ({e}).",
+            raise StoreError(f"{self.path} is not a readable SQLite database ({str(e)[:120]}).",
                              "move the file aside, or point the store to another path; fedit does not "
                              "overwrite it.") from e
         except BaseException:
@@ -178,7 +178,7 @@ class MKVStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA foreign_keys=ON")
         row = conn.execute("SELECT value FROM settings WHERE key='dim'").fetchone()
-        stored = int(row[0]) if row else None
+        stored = _stored_dim(row[0], self.path) if row else None
         if stored is not None and dim is not None and dim != stored:
             raise StoreError(f"{self.path} holds vectors of dimension {stored}, but dim={dim} was asked.",
                              f"open it with dim={stored} or without dim, or use another path for "
@@ -234,14 +234,24 @@ class MKVStore:
 
     def clients(self) -> list[str]:
         """Registered client ids, in registration order."""
-        return [r[0] for r in self._db.execute("SELECT id FROM clients ORDER BY rowid")]
+        ids = [r[0] for r in self._read("SELECT id FROM clients ORDER BY rowid")]
+        bad = [i for i in ids if not isinstance(i, str)]
+        if bad:
+            raise _damaged(f"client {bad[0]!r}", "a client id that is not text")
+        return ids
 
     def client_info(self, client_id: str) -> dict:
         """The info dict a client registered with."""
-        row = self._db.execute("SELECT info FROM clients WHERE id=?", (client_id,)).fetchone()
-        if row is None:
+        rows = self._read("SELECT info FROM clients WHERE id=?", (client_id,))
+        if not rows:
             raise self._unknown_client(client_id)
-        return json.loads(row[0])
+        try:
+            info = json.loads(rows[0][0])
+        except (TypeError, ValueError, RecursionError) as e:
+            raise _damaged(f"client {client_id!r}", f"its info is not JSON ({type(e).__name__})") from None
+        if not isinstance(info, dict):
+            raise _damaged(f"client {client_id!r}", f"its info is a {type(info).__name__}, not an object")
+        return info
 
     # --- writing ----------------------------------------------------------------------
     def add(self, client_id: str, slot: int, vectors: torch.Tensor,
@@ -304,7 +314,7 @@ class MKVStore:
     def count(self, slot: int | None = None, owner: str | None = None) -> int:
         """How many MKVs are stored (in ``slot`` / of ``owner`` when given)."""
         where, args = _where(slot=slot, owner=owner)
-        return self._db.execute(f"SELECT COUNT(*) FROM mkvs{where}", args).fetchone()[0]
+        return self._read(f"SELECT COUNT(*) FROM mkvs{where}", args)[0][0]
 
     def get(self, ids: Iterable[int]) -> list[MKV]:
         """The MKVs with these ids, in the order asked. An unknown id raises :class:`StoreError`."""
@@ -313,7 +323,7 @@ class MKVStore:
         for chunk in range(0, len(ids), 500):
             part = ids[chunk:chunk + 500]
             q = f"SELECT {_COLS} FROM mkvs WHERE id IN ({','.join('?' * len(part))})"
-            for row in self._db.execute(q, part):
+            for row in self._read(q, part):
                 found[row[0]] = self._mkv(row)
         missing = [i for i in ids if i not in found]
         if missing:
@@ -325,16 +335,16 @@ class MKVStore:
         """MKVs of time ``slot`` in insertion order, optionally of one ``owner`` only and/or
         without those of ``exclude_client``."""
         where, args = _where(slot=slot, owner=owner, exclude=exclude_client)
-        return [self._mkv(r) for r in self._db.execute(f"SELECT {_COLS} FROM mkvs{where} ORDER BY id", args)]
+        return [self._mkv(r) for r in self._read(f"SELECT {_COLS} FROM mkvs{where} ORDER BY id", args)]
 
     def ids(self, slot: int | None = None, owner: str | None = None) -> list[int]:
         """Ids of the stored MKVs (of ``slot`` / ``owner`` when given), in insertion order; reads no vector."""
         where, args = _where(slot=slot, owner=owner)
-        return [r[0] for r in self._db.execute(f"SELECT id FROM mkvs{where} ORDER BY id", args)]
+        return [r[0] for r in self._read(f"SELECT id FROM mkvs{where} ORDER BY id", args)]
 
     def _mkv(self, row: tuple) -> MKV:
         """A stored row as an MKV, refused (StoreError naming it) when damaged or refused by ``check``."""
-        m = _row_to_mkv(row)
+        m = _row_to_mkv(row, self._dim)
         why = self.check(m) if self.check is not None else None
         if why:
             raise StoreError(f"the MKV store record {m.id} (owner {m.owner!r}, slot {m.slot}) is refused: {why}.",
@@ -345,7 +355,7 @@ class MKVStore:
     def _vectors(self, slot: int | None, exclude: str | None) -> tuple[list[int], torch.Tensor]:
         """Ids and vectors [m, dim] only (no payloads), for searching."""
         where, args = _where(slot=slot, exclude=exclude)
-        rows = self._db.execute(f"SELECT id, vector FROM mkvs{where} ORDER BY id", args).fetchall()
+        rows = self._read(f"SELECT id, vector FROM mkvs{where} ORDER BY id", args)
         d = self._dim or 0
         if not rows:
             return [], torch.zeros(0, d)
@@ -353,8 +363,12 @@ class MKVStore:
             if not isinstance(vec, bytes) or len(vec) != 4 * d:
                 raise _damaged(id_, f"its vector holds {len(vec) if isinstance(vec, bytes) else 0} bytes, "
                                     f"not {4 * d}")
-        mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=_F32).reshape(len(rows), -1)
-        return [r[0] for r in rows], torch.from_numpy(mat.astype(np.float32))
+        mat = torch.from_numpy(np.frombuffer(b"".join(r[1] for r in rows), dtype=_F32).reshape(len(rows), -1)
+                               .astype(np.float32))
+        bad = ~torch.isfinite(mat).all(dim=1)
+        if bad.any():
+            raise _damaged(rows[int(bad.nonzero()[0])][0], "its vector holds NaN or Inf")
+        return [r[0] for r in rows], mat
 
     def _check_query(self, x: torch.Tensor, name: str, ndim: tuple[int, ...]) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() not in ndim:
@@ -413,8 +427,17 @@ class MKVStore:
 
     # --- internals --------------------------------------------------------------------
     def _check_known(self, client_id: str) -> None:
-        if self._db.execute("SELECT 1 FROM clients WHERE id=?", (client_id,)).fetchone() is None:
+        if not self._read("SELECT 1 FROM clients WHERE id=?", (client_id,)):
             raise self._unknown_client(client_id)
+
+    def _read(self, query: str, args: Sequence = ()) -> list[tuple]:
+        """All rows of a read; a file damaged under SQLite (a malformed page) is a StoreError."""
+        try:
+            return self._db.execute(query, args).fetchall()
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # a malformed page; text that is not UTF-8
+            raise StoreError(f"cannot read the MKV store {self.path} ({type(e).__name__}: {str(e)[:120]}).",
+                             "if another process holds it, wait and retry; if the file was changed outside "
+                             "fedit, restore it from a copy or start a new store.") from e
 
     def _unknown_client(self, client_id: str) -> StoreError:
         known = self.clients()
@@ -462,16 +485,37 @@ def _damaged(id_: Any, why: str) -> StoreError:
                       "the file was changed outside fedit; restore it from a copy, or start a new store.")
 
 
-def _row_to_mkv(row: tuple) -> MKV:
+def _row_to_mkv(row: tuple, store_dim: int | None) -> MKV:
+    """A stored row as an MKV, every column checked (SQLite keeps any type in any column)."""
     id_, owner, slot, dim, created, vec, payload, meta = row
     try:
+        if not isinstance(owner, str) or not isinstance(slot, int) or slot < 0 or not isinstance(created, (int, float)):
+            raise ValueError(f"owner {owner!r}, slot {slot!r} or created {created!r} has the wrong type")
+        if not isinstance(vec, bytes) or (payload is not None and not isinstance(payload, bytes)):
+            raise ValueError("its vector or payload is not a blob")
         vector = torch.from_numpy(np.frombuffer(vec, dtype=_F32).astype(np.float32))  # [dim], own memory
-        if vector.numel() != dim or not torch.isfinite(vector).all():
-            raise ValueError(f"its vector has {vector.numel()} values (dim {dim}) or is not finite")
-        return MKV(id=id_, owner=owner, slot=slot, dim=dim, created=created, vector=vector,
-                   payload=dict(st_load(payload)) if payload else {}, meta=json.loads(meta))
+        if vector.numel() != dim or dim != store_dim or not torch.isfinite(vector).all():
+            raise ValueError(f"its vector has {vector.numel()} values (dim {dim}, the store's {store_dim}) "
+                             "or is not finite")
+        tensors = dict(st_load(payload)) if payload else {}
+        if not all((not (t.is_floating_point() or t.is_complex())) or bool(torch.isfinite(t).all())
+                   for t in tensors.values()):
+            raise ValueError("its payload holds NaN or Inf")
+        info = json.loads(meta)
+        if not isinstance(info, dict):
+            raise ValueError(f"its meta is a {type(info).__name__}, not an object")
+        return MKV(id=id_, owner=owner, slot=slot, dim=dim, created=float(created), vector=vector, payload=tensors,
+                   meta=info)
     except Exception as e:  # noqa: BLE001 - any damage in a stored record is named, never a raw traceback
-        raise _damaged(id_, f"{type(e).__name__}: {e}") from e
+        raise _damaged(id_, f"{type(e).__name__}: {str(e)[:200]}") from e
+
+
+def _stored_dim(value: Any, path: str) -> int:
+    """The ``dim`` setting as written by fedit (a positive whole number as text), else a StoreError."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 10 and int(value) > 0:
+        return int(value)
+    raise StoreError(f"the MKV store {path} is damaged: its dimension setting is {str(value)[:40]!r}.",
+                     "the file was changed outside fedit; restore it from a copy, or start a new store.")
 
 
 def _where(slot: int | None = None, owner: str | None = None, exclude: str | None = None) -> tuple[str, list]:

@@ -33,7 +33,7 @@ import torch
 
 from fedit.core.tokens import encode, target_ids, validate_for_tokenizer
 from fedit.errors import FeditError, HparamsError
-from fedit.memory import MemoryEdit, output_hook, register_memory
+from fedit.memory import MemoryEdit, linear_dims, memory_tensor, output_hook, register_memory
 from fedit.methods import Method, register
 from fedit.methods.base import EditOutcome, Resources
 from fedit.methods.tail import Tail, target_rows
@@ -102,7 +102,10 @@ def replace(x: torch.Tensor, y: torch.Tensor, keys: torch.Tensor, values: torch.
 def _install(model, edit: MemoryEdit, active):
     mod = model.get_submodule(edit.sites[0])
     dev = next(model.parameters()).device
-    keys, values, radii = (edit.tensors[k].to(dev) for k in ("keys", "values", "radii"))
+    d_in, d_out = linear_dims(mod)
+    n = memory_tensor(edit, "keys", (None, d_in)).shape[0]
+    keys, values, radii = (memory_tensor(edit, k, s).to(dev)
+                           for k, s in (("keys", (n, d_in)), ("values", (n, d_out)), ("radii", (n,))))
     return [output_hook(mod, active, lambda x, y: replace(x, y, keys, values, radii))]
 
 

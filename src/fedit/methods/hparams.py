@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from importlib.resources import files
@@ -86,7 +87,33 @@ def build(cls: type[T], values: dict[str, Any], source: str) -> T:
     if unknown:
         raise HparamsError(f"{source}: unknown hyperparameter(s) {unknown} for {cls.__name__}.",
                            f"use only {sorted(names)}.")
+    types_ = _field_types(cls)
+    for k, v in values.items():
+        if k not in names:
+            continue
+        if not _fits(v, types_[k]):
+            name = str(types_[k]) if typing.get_origin(types_[k]) else getattr(types_[k], "__name__", str(types_[k]))
+            raise HparamsError(f"{source}: {k} is {_short(v)}, not a {name}.", f"give {k} a {name} value.")
+        if not _finite(v):
+            raise HparamsError(f"{source}: {k} is {_short(v)}; hyperparameters must be finite numbers.",
+                               f"give {k} a finite value.")
     return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def _finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in a JSON value."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -160,8 +187,8 @@ def parse_sets(cls: type, items: list[str] | None) -> dict[str, Any]:
 def _read_file(file: str | Path) -> dict[str, Any]:
     try:
         values = json.loads(Path(file).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HparamsError(f"cannot read hyperparameters from {file}: {e}.",
+    except (OSError, ValueError, RecursionError) as e:  # also: not UTF-8, not JSON, too deep, too many digits
+        raise HparamsError(f"cannot read hyperparameters from {file}: {str(e)[:200]}.",
                            "give a JSON object of hyperparameters.") from e
     if not isinstance(values, dict):
         raise HparamsError(f"{file} holds a JSON {type(values).__name__}, not an object.",

@@ -30,8 +30,8 @@ import torch
 
 from fedit.core.tokens import encode
 from fedit.encoder import minilm
-from fedit.errors import FeditError, HparamsError
-from fedit.memory import MemoryEdit, register_memory
+from fedit.errors import DeltaFileError, FeditError, HparamsError
+from fedit.memory import MemoryEdit, memory_tensor, register_memory
 from fedit.methods import Method, register
 from fedit.methods.base import EditOutcome, Resources
 from fedit.paths import cache_root
@@ -77,7 +77,11 @@ class IkeState:
 def _install(model, edit: MemoryEdit, active):
     body = model.get_submodule(edit.sites[0])
     dev = next(model.parameters()).device
-    ctx = edit.tensors["context"].to(dev)  # [P]
+    ctx = memory_tensor(edit, "context", (None,), floating=False).to(dev)  # [P]
+    vocab = model.get_input_embeddings().num_embeddings
+    if ctx.numel() and not (0 <= int(ctx.min()) and int(ctx.max()) < vocab):
+        raise DeltaFileError(f"the IKE memory's context holds token ids outside the model's vocabulary (0..{vocab - 1}).",
+                             "recompute the edit with this model's tokenizer.")
     bos = getattr(getattr(model, "config", None), "bos_token_id", None)
     shift: list[int] = []  # positions the context adds, per forward pass in flight (dropped on output)
     added = [0]  # what the context added on the first pass of the current generation

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import torch
 
 from fedit.core.tokens import encode
-from fedit.deltas import read_edit_file, write_edit_file
+from fedit.deltas import check_float_tensors, meta_fields, read_edit_file, write_edit_file
 from fedit.errors import DeltaFileError, FeditError
 from fedit.methods.scope import ScopeClassifier, embed
 from fedit.requests import EditRequest
@@ -100,12 +100,9 @@ class SeracEdit:
         if meta.get("format") != FORMAT:
             raise DeltaFileError(f"{path} is not a SERAC edit file (format {meta.get('format')!r}).",
                                  "use a file written by SeracEdit.save.")
-        try:
-            return cls(requests=json.loads(meta["requests"]), hparams=json.loads(meta["hparams"]),
-                       model=json.loads(meta["model"]), method=meta["method"],
-                       classifier={k[len("classifier/"):]: v for k, v in tensors.items()})
-        except (KeyError, json.JSONDecodeError) as e:
-            raise DeltaFileError(f"{path} has damaged metadata ({e}).", "recompute the edit.") from e
+        m = meta_fields(path, meta, {"requests": list, "hparams": dict, "model": dict, "method": str})
+        check_float_tensors(path, tensors)
+        return cls(classifier={k[len("classifier/"):]: v for k, v in tensors.items()}, **m)
 
     def metadata(self) -> dict[str, Any]:
         return {"method": self.method, "model": self.model, "requests": self.requests, "hparams": self.hparams,

@@ -30,7 +30,7 @@ import torch
 from fedit.core.tokens import validate_for_tokenizer
 from fedit.corpus import open_corpus
 from fedit.errors import FeditError, HparamsError
-from fedit.memory import MemoryEdit, register_memory
+from fedit.memory import MemoryEdit, linear_dims, memory_number, memory_tensor, register_memory
 from fedit.methods import Method, register
 from fedit.methods.base import EditOutcome, Resources
 from fedit.methods.tail import Tail, target_rows
@@ -100,8 +100,9 @@ def scores(x: torch.Tensor, deltas: torch.Tensor, mask: torch.Tensor | None) -> 
 def _install(model, edit: MemoryEdit, active):
     w_out, body = (model.get_submodule(s) for s in edit.sites)
     dev = next(model.parameters()).device
-    mem = edit.tensors["memories"].to(dev)  # [m, d_out, d_in]
-    thr = float(edit.config["threshold"])
+    d_in, d_out = linear_dims(w_out)
+    mem = memory_tensor(edit, "memories", (None, d_out, d_in)).to(dev)  # [m, d_out, d_in]
+    thr = memory_number(edit, "threshold")
     seen: dict[str, torch.Tensor | None] = {"mask": None, "choice": None, "new": True}
 
     def pre(mod, args, kwargs):
