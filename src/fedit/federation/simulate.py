@@ -19,9 +19,11 @@ def stored_targets(settings: FedSettings) -> dict[str, Any]:
     """z of every fact in the MKV store by fact id (private mode: all measured on the base model)."""
     from fedit.federation.store import MKVStore
 
+    from fedit.methods import get_method
+
     zs = {}
-    if settings.mode != "private" or not settings.store_path.exists():
-        return zs
+    if settings.mode != "private" or not settings.store_path.exists() or not get_method(settings.method).takes_targets:
+        return zs  # (GRACE's store holds codebook entries, not targets)
     with MKVStore(settings.store_path) as store:
         for slot in range(settings.slots):
             for m in store.for_slot(slot):

@@ -201,4 +201,4 @@ def compute_grace(lm, requests: list[EditRequest], hp: GraceHparams, resources: 
 
 
 register(Method("grace", GraceHparams, compute_grace, stateful=True, state_class=GraceState, family="memory-based",
-                writes_weights=False, description="codebook of key -> value replacements at one layer with deferral radii (lifelong)"))
+                writes_weights=False, federates="codebook", description="codebook of key -> value replacements at one layer with deferral radii (lifelong)"))

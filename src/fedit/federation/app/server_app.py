@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedit.federation.app import task
 from fedit.federation.app.messages import batch_content, batch_from
+from fedit.federation.codebook import server_class
 from fedit.federation.fededit import FedEditServer, average_updates
 from fedit.federation.flower import RunFailed, ask, config, to_arrays, to_tensors, wait_for_nodes
 from fedit.federation.settings import FedSettings
@@ -82,7 +83,7 @@ def _fededit(grid: Grid, s: FedSettings, nodes: list[int], cid: dict[int, str]) 
     t0 = time.perf_counter()
     store = MKVStore(s.store_path)
     try:
-        server = FedEditServer(store, tau=s.tau)
+        server = server_class(s.method)(store, tau=s.tau)  # FedEditServer, or GRACE's CodebookServer
         for n in nodes:
             server.register(cid[n])
         result: dict[str, Any] = {"slots": [_slot(grid, nodes, cid, server, t) for t in range(s.slots)],

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from fedit.deltas import WeightDeltas
+from fedit.federation.codebook import client_class
 from fedit.federation.fededit import FedEditClient, fedavg_update
 from fedit.federation.settings import FedSettings, client_records
 
@@ -61,8 +62,8 @@ def client_session(s: FedSettings, node_config: dict[str, Any], saved: dict[str,
     npart = int(node_config.get("num-partitions", s.clients))
     cid = str(node_config.get("client-id", f"client-{pid}"))
     hp = hparams_for(s.method, lm, s.hparam_overrides(), s.hparams_file or None)
-    client = FedEditClient(cid, lm, hp, resources_for(s), mode=s.mode, share_requests=s.share_requests,
-                           match=s.match, method=s.method)
+    client = client_class(s.method)(cid, lm, hp, resources_for(s), mode=s.mode, share_requests=s.share_requests,
+                                    match=s.match, method=s.method)  # FedEditClient, or GRACE's CodebookClient
     try:
         if saved is not None:
             client.load_state(saved)
