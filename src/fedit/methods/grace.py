@@ -77,10 +77,13 @@ class GraceState:
 
 
 def distances(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances [m, n] between queries [m, d] and keys [n, d] (float32)."""
-    q, keys = q.float(), keys.float()
+    """Euclidean distances [m, n] between queries [m, d] and keys [n, d] (float32).
+
+    Computed in float64: in float32 the expanded form's rounding leaves a key ~1e-3 from itself
+    at Gemma's scale (2048-d keys of norm ~4), more than the "same input again" tolerance."""
+    q, keys = q.double(), keys.double()
     d2 = (q * q).sum(-1)[:, None] + (keys * keys).sum(-1)[None, :] - 2.0 * q @ keys.T
-    return d2.clamp_min(0.0).sqrt()
+    return d2.clamp_min(0.0).sqrt().float()
 
 
 def replace(x: torch.Tensor, y: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
