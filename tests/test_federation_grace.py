@@ -155,3 +155,13 @@ def test_fed_run_grace_on_flower_reuses_and_covers_shared_facts(tiny_model_dir, 
         rows = st.for_slot(0)
         assert len(rows) == 6 and all(set(m.meta) == {"fact", "fingerprint", "layer"} for m in rows)
         assert all(set(m.payload) == {KEYS, VALUES, RADII, COUNT} for m in rows)
+
+
+def test_a_key_is_the_same_input_as_itself_at_the_default_models_scale():
+    # 2048-d keys of norm ~3.7, as Gemma 3 270M's layer-13 MLP activations: in float32 the expanded
+    # distance left a key ~1.4e-3 from itself, above GRACE's "same input again" tolerance (1e-3 ε),
+    # so a received entry for the same prompt was split instead of taken (and its edit failed)
+    from fedit.methods.grace import distances
+
+    keys = torch.randn(8, 2048, generator=torch.Generator().manual_seed(0)).abs() * 0.08
+    assert float(distances(keys, keys).diag().max()) < 1e-5
