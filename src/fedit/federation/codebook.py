@@ -345,13 +345,7 @@ class CodebookClient:
                 else:
                     info["held"] += 1  # every entry already held: the same fact, edited here too
             self._apply()
-        secs = time.perf_counter() - t0
-        self.report.reused += info["applied"]
-        self.report.reedit_seconds += secs
-        info["seconds"] = round(secs, 3)
-        for s in self.report.slots:
-            if s["slot"] == slot:
-                s.update(reused=info["applied"], reuse_seconds=info["seconds"])
+        self.report.add_reuse(info, time.perf_counter() - t0)
         return info
 
 

@@ -113,6 +113,16 @@ class ClientReport:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def add_reuse(self, info: dict[str, Any], seconds: float) -> None:
+        """Count one slot's reuse (``info``: slot, applied, unusable; its seconds are set here)."""
+        self.reused += info["applied"]
+        self.unusable += info.get("unusable", 0)
+        self.reedit_seconds += seconds
+        info["seconds"] = round(seconds, 3)
+        for s in self.slots:
+            if s["slot"] == info["slot"]:
+                s.update(reused=info["applied"], reuse_seconds=info["seconds"])
+
 
 class FedEditClient:
     """One organisation's side of FedEdit, on its own copy of the shared base model."""
@@ -304,14 +314,7 @@ class FedEditClient:
                     self._edit_in_place(reqs, zs=zs)
                     self.fact_ids += [str(hits.meta[i].get("fact")) for i in usable]
                     info["applied"] = len(usable)
-        secs = time.perf_counter() - t0
-        self.report.reused += info["applied"]
-        self.report.unusable += info["unusable"]
-        self.report.reedit_seconds += secs
-        info["seconds"] = round(secs, 3)
-        for s in self.report.slots:
-            if s["slot"] == slot:
-                s.update(reused=info["applied"], reuse_seconds=info["seconds"])
+        self.report.add_reuse(info, time.perf_counter() - t0)
         return info
 
 
