@@ -28,6 +28,7 @@ the roles.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,8 @@ from fedit.deltas import AppliedEdit
 from fedit.federation.fededit import MATCH, ClientReport, FedEditClient, FedEditServer, FedError, MKVBatch
 from fedit.methods import Resources, get_method, names
 from fedit.methods.grace import GraceState, distances
+
+log = logging.getLogger(__name__)
 
 KEYS, VALUES, RADII, COUNT = "grace.keys", "grace.values", "grace.radii", "grace.n"
 # What a received entry may be, against the receiver's model (``Scale``) and hyperparameters:
@@ -345,6 +348,8 @@ class CodebookClient:
                 else:
                     info["held"] += 1  # every entry already held: the same fact, edited here too
             self._apply()
+            log.info("client %s, slot %d: took %d facts' entries, %d already held", self.id, slot, info["applied"],
+                     info["held"])
         self.report.add_reuse(info, time.perf_counter() - t0)
         return info
 
