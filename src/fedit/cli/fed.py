@@ -14,6 +14,7 @@ from fedit.errors import FeditError
 def register(sub) -> None:
     from fedit.data.loaders import KINDS
     from fedit.federation.settings import FedSettings as S
+    from fedit.federation.codebook import federating
     from fedit.methods import names
 
     p = common.add_command(sub, "fed", "federated editing (FedEdit) on the Flower engine")
@@ -39,13 +40,16 @@ def register(sub) -> None:
                    help="a received vector's norm may be at most this times the receiver's own model scale "
                         "(docs/federation.md, privacy and bounds)")
     r.add_argument("--baseline", default=None, choices=["fedavg"], help="also run the FedAvg baseline (default: none)")
-    # paper mode re-edits with the given z: every method that takes targets; private mode needs
-    # the methods whose update is a plain solve of per-fact vectors (checked in run)
-    common.method_flag(r, names(takes_targets=True), default=S.method,
-                       extra=f"; private mode: {', '.join(names(private_mkvs=True))}")
+    # any method name: FedSettings refuses those that cannot federate (as asked), naming those that can
+    common.method_flag(r, names(), default=S.method,
+                       extra=f"; FedEdit takes {', '.join(federating())} (private mode: "
+                             f"{', '.join(names(private_mkvs=True) + names(federates='codebook'))})")
     common.hparams_flags(r)
     common.corpus_flag(r)
     r.add_argument("--seed", type=int, default=S.seed, help="seed of the partition")
+    r.add_argument("--overlap", type=int, default=S.overlap,
+                   help="client 0's first K records are also the last K of every other client (facts that "
+                        "several organisations must edit, met later by the others)")
     r.add_argument("--no-reference", action="store_true", help="skip the centralised MEMIT reference")
     r.add_argument("--out", required=True, help="folder for the MKV store, federation.json and the report")
     r.set_defaults(run=run)
@@ -62,12 +66,6 @@ def settings_from(args):
     """The run's :class:`FedSettings` from the command line (unset flags: its defaults)."""
     from fedit.federation.settings import FedSettings
 
-    from fedit.methods import names
-
-    if args.mode == "private" and args.method not in names(private_mkvs=True):
-        raise FeditError(f"{args.method} cannot run in private mode: its update is not a plain solve of per-fact "
-                         "vectors.", f"use --method {' or '.join(names(private_mkvs=True))}, or --mode paper "
-                                     "--share-requests.")
     overrides = {k: v for k, v in common.overrides_from(args, args.method).items() if v is not None}
     given = {"model": args.model, "device": args.device, "dtype": args.dtype, "cache_dir": args.cache_dir,
              "corpus": args.corpus, "threads": args.threads, "data": args.data, "hparams_file": args.hparams,
@@ -75,7 +73,7 @@ def settings_from(args):
              "partition": args.partition or ("cluster" if args.dataset == "zsre" else None)}
     return FedSettings(clients=args.clients, slots=args.rounds,
                        n_per_client=common.records_per_client(args, FedSettings.n_per_client),
-                       dataset=args.dataset, seed=args.seed, method=args.method, mode=args.mode,
+                       dataset=args.dataset, seed=args.seed, overlap=args.overlap, method=args.method, mode=args.mode,
                        share_requests=args.share_requests, tau=args.tau, match=args.match, out=args.out,
                        norm_factor=args.norm_factor,
                        **{k: v for k, v in given.items() if v is not None})

@@ -27,11 +27,12 @@ def run_list(args) -> int:
 
     rows = [{"name": m.name, "family": m.family, "description": m.description, "model_files": model_files(m.name),
              "capabilities": {k: getattr(m, k) for k in ("stateful", "private_mkvs", "takes_targets",
-                                                           "needs_training")}}
+                                                           "needs_training", "federates")}}
             for m in sorted(METHODS.values(), key=lambda m: m.name)]
     lines = []
     for r in rows:
-        caps = ", ".join(k.replace("_", " ") for k, v in r["capabilities"].items() if v)
+        caps = ", ".join(k.replace("_", " ") + (f" {v}" if isinstance(v, str) else "")
+                         for k, v in r["capabilities"].items() if v)
         lines += [f"{r['name']} ({r['family']}{'; ' + caps if caps else ''}): {r['description']}",
                   f"    model files: {', '.join(r['model_files']) or 'none (defaults, layers chosen by depth)'}"]
     common.emit(args, {"methods": rows}, "\n".join(lines))

@@ -125,6 +125,16 @@ class ClientReport:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def add_reuse(self, info: dict[str, Any], seconds: float) -> None:
+        """Count one slot's reuse (``info``: slot, applied, unusable; its seconds are set here)."""
+        self.reused += info["applied"]
+        self.unusable += info.get("unusable", 0)
+        self.reedit_seconds += seconds
+        info["seconds"] = round(seconds, 3)
+        for s in self.slots:
+            if s["slot"] == info["slot"]:
+                s.update(reused=info["applied"], reuse_seconds=info["seconds"])
+
 
 class FedEditClient:
     """One organisation's side of FedEdit, on its own copy of the shared base model."""
@@ -311,15 +321,8 @@ class FedEditClient:
             info["applied"] = self._reuse_vectors(good)
         elif len(good):
             info["applied"], info["unusable"] = self._reuse_requests(good)
-        secs = time.perf_counter() - t0
-        self.report.reused += info["applied"]
-        self.report.unusable += info["unusable"]
         self.report.rejected += len(refused)
-        self.report.reedit_seconds += secs
-        info["seconds"] = round(secs, 3)
-        for s in self.report.slots:
-            if s["slot"] == slot:
-                s.update(reused=info["applied"], reuse_seconds=info["seconds"])
+        self.report.add_reuse(info, time.perf_counter() - t0)
         return info
 
     def _reuse_vectors(self, hits: MKVBatch) -> int:
@@ -357,6 +360,8 @@ class FedEditServer:
     model (``guard``). An MKV refused here is not stored; the others are, and ``refused``
     keeps every refusal (sender, fact token, reason)."""
 
+    padded = False  # payload rows padded per upload (codebook entries): their count is not layout
+
     def __init__(self, store, tau: float = 0.4):
         if not -1.0 <= tau <= 1.0:
             raise FedError(f"tau must lie in [-1, 1] (a cosine), got {tau}.", "use e.g. 0.4 (the paper's value).")
@@ -377,10 +382,10 @@ class FedEditServer:
         if not len(batch):
             return []
         if self.layout is None:
-            self.layout = _row_layout(batch, 0)
+            self.layout = _row_layout(batch, 0, self.padded)
         keep = []
         for i in range(len(batch)):
-            why = _server_check(batch, i, self.layout)
+            why = _server_check(batch, i, self.layout, self.padded)
             if why:
                 self.refused.append(Rejection(client_id, _fact_of(batch.meta[i]), why, by="server"))
             else:
@@ -397,7 +402,7 @@ class FedEditServer:
         run's layout is the one most uploads share (first slot with uploads), so that no single
         client can fix it by answering first."""
         if self.layout is None:
-            seen = Counter(_row_layout(b, 0) for b in batches.values() if isinstance(b, MKVBatch) and len(b))
+            seen = Counter(_row_layout(b, 0, self.padded) for b in batches.values() if isinstance(b, MKVBatch) and len(b))
             self.layout = seen.most_common(1)[0][0] if seen else None
         before = len(self.refused)
         stored = {c: len(self.receive(c, slot, b)) for c, b in batches.items()}
@@ -434,15 +439,17 @@ def _fact_of(meta: Any) -> str:
     return str(meta.get("fact", ""))[:64] if isinstance(meta, dict) else ""
 
 
-def _row_layout(batch: MKVBatch, i: int) -> tuple:
+def _row_layout(batch: MKVBatch, i: int, padded: bool = False) -> tuple:
+    """MKV ``i``'s vector size and payload tensor shapes (``padded``: without the first dimension,
+    a count of rows each upload pads to its own longest)."""
     p = batch.payloads[i] if i < len(batch.payloads) and isinstance(batch.payloads[i], dict) else {}
-    return (int(batch.vectors.shape[-1]), tuple(sorted((k, tuple(v.shape)) for k, v in p.items()
-                                                       if isinstance(v, torch.Tensor))))
+    return (int(batch.vectors.shape[-1]), tuple(sorted((k, tuple(v.shape[1:] if padded else v.shape))
+                                                       for k, v in p.items() if isinstance(v, torch.Tensor))))
 
 
-def _server_check(batch: MKVBatch, i: int, layout: tuple) -> str | None:
+def _server_check(batch: MKVBatch, i: int, layout: tuple, padded: bool = False) -> str | None:
     """Why the server does not store MKV ``i`` of ``batch`` (None: it does)."""
-    got = _row_layout(batch, i)
+    got = _row_layout(batch, i, padded)
     if got != layout:
         return f"its layout (size, tensors) {got} differs from the run's {layout}"
     for name, t in [("mkv", batch.vectors[i]), *sorted(batch.payloads[i].items())]:

@@ -88,6 +88,7 @@ class FedSettings(RunSettings):
     slots: int = 2
     partition: str = "relation"  # relation | cluster | iid
     seed: int = 0
+    overlap: int = 0  # client 0's first `overlap` records are also every other client's last ones
     # method
     method: str = "memit"
     overrides: str = ""  # JSON object of hyperparameter overrides
@@ -134,7 +135,19 @@ class FedSettings(RunSettings):
         if not self.norm_factor > 0:
             raise SettingsError(f"norm-factor must be > 0, got {self.norm_factor}.",
                                 "use e.g. 20 (the default): received vectors up to 20 × the model's own scale.")
+        if not 0 <= self.overlap < self.n_per_client:
+            raise SettingsError(f"overlap must lie in 0..n-per-client − 1 = {self.n_per_client - 1}, got {self.overlap}.",
+                                "use a smaller --overlap (shared records per client).")
+        self._check_method()
         self.hparam_overrides()  # validate the JSON now
+
+    def _check_method(self) -> None:
+        from fedit.federation.codebook import check_method
+
+        try:
+            check_method(self.method, self.mode, self.baseline)
+        except FeditError as e:
+            raise SettingsError(e.problem, e.fix) from e
 
     @property
     def store_path(self) -> Path:
@@ -167,4 +180,7 @@ def client_records(s: FedSettings, partition_id: int, num_partitions: int, data_
     if len(recs) < s.n_per_client:
         raise SettingsError(f"client {partition_id} has {len(recs)} records, fewer than n-per-client = {s.n_per_client}.",
                             "lower --n-per-client, use fewer clients, or give a larger dataset with --data.")
+    if s.overlap and partition_id > 0 and not data_path:  # the facts client 0 edits first, met here last
+        shared = client_records(s.replace(overlap=0), 0, num_partitions)[: s.overlap]
+        return recs[: s.n_per_client - s.overlap] + shared
     return recs[: s.n_per_client]

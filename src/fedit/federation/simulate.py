@@ -23,11 +23,12 @@ def stored_targets(settings: FedSettings, lm, names: dict[str, str]) -> dict[str
     from fedit.errors import StoreError
     from fedit.federation.guard import Guard, measure_scale
     from fedit.federation.store import MKVStore
-    from fedit.methods import hparams_for
+    from fedit.methods import get_method, hparams_for
 
     zs: dict[str, Any] = {}
-    if settings.mode != "private" or not names or not settings.store_path.exists():
-        return zs
+    if (settings.mode != "private" or not names or not settings.store_path.exists()
+            or not get_method(settings.method).takes_targets):
+        return zs  # (GRACE's store holds codebook entries, not targets)
     hp = hparams_for(settings.method, lm, settings.hparam_overrides(), settings.hparams_file or None)
     guard = Guard(measure_scale(lm, list(hp.layers)), settings.norm_factor)
     with MKVStore(settings.store_path, check=guard.for_store(settings.mode, settings.match)) as store:

@@ -35,6 +35,10 @@ class Method:
     # shared instead of requests (FedEdit's private MKVs) and summed (CollabEdit).
     private_mkvs: bool = False
     takes_targets: bool = False  # accepts precomputed target vectors zs=
+    # What a client shares per fact in FedEdit (fedit.federation): "mkv" (the target z, with keys
+    # and residuals where private_mkvs), "codebook" (GRACE's key → value entries), "" (nothing:
+    # the method cannot federate).
+    federates: str = ""
     needs_training: bool = False  # needs a trained editor (``fedit train``) before it edits
     # Its edit is a change of weights (WeightDeltas): it can be written into a model folder or a
     # PEFT adapter. False for edits that act through hooks (memories, context).
@@ -73,12 +77,12 @@ def names(**capabilities: Any) -> list[str]:
 
 register(Method("rome", RomeHparams, compute_rome, batch=False,
                 description="rank-one update of one MLP layer, one fact at a time"))
-register(Method("memit", MemitHparams, compute_memit, private_mkvs=True, takes_targets=True,
+register(Method("memit", MemitHparams, compute_memit, private_mkvs=True, takes_targets=True, federates="mkv",
                 description="many facts at once, spread over several MLP layers"))
-register(Method("pmet", PmetHparams, compute_pmet, private_mkvs=True, takes_targets=True,
+register(Method("pmet", PmetHparams, compute_pmet, private_mkvs=True, takes_targets=True, federates="mkv",
                 description="MEMIT with attention and MLP targets optimised together, MLP-only update"))
 register(Method("alphaedit", AlphaEditHparams, compute_alphaedit, stateful=True, state_class=AlphaEditState,
-                takes_targets=True,
+                takes_targets=True, federates="mkv",
                 description="MEMIT projected onto the null space of preserved keys (sequential editing)"))
 
 

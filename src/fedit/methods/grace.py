@@ -77,10 +77,13 @@ class GraceState:
 
 
 def distances(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances [m, n] between queries [m, d] and keys [n, d] (float32)."""
-    q, keys = q.float(), keys.float()
+    """Euclidean distances [m, n] between queries [m, d] and keys [n, d] (float32).
+
+    Computed in float64: in float32 the expanded form's rounding leaves a key ~1e-3 from itself
+    at Gemma's scale (2048-d keys of norm ~4), more than the "same input again" tolerance."""
+    q, keys = q.double(), keys.double()
     d2 = (q * q).sum(-1)[:, None] + (keys * keys).sum(-1)[None, :] - 2.0 * q @ keys.T
-    return d2.clamp_min(0.0).sqrt()
+    return d2.clamp_min(0.0).sqrt().float()
 
 
 def replace(x: torch.Tensor, y: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -204,4 +207,4 @@ def compute_grace(lm, requests: list[EditRequest], hp: GraceHparams, resources: 
 
 
 register(Method("grace", GraceHparams, compute_grace, stateful=True, state_class=GraceState, family="memory-based",
-                writes_weights=False, description="codebook of key -> value replacements at one layer with deferral radii (lifelong)"))
+                writes_weights=False, federates="codebook", description="codebook of key -> value replacements at one layer with deferral radii (lifelong)"))

@@ -22,6 +22,7 @@ from fedit.federation import resume
 from fedit import progress
 from fedit.federation.app import task
 from fedit.federation.app.messages import batch_content, upload_from
+from fedit.federation.codebook import server_class
 from fedit.federation.fededit import FedEditServer, average_updates
 from fedit.federation.flower import Roster, RunFailed, ask, config, to_arrays, to_tensors, wait_for_nodes
 from fedit.federation.report import write_private
@@ -94,7 +95,7 @@ def _fededit(grid: Grid, s: FedSettings, roster: Roster, catching_up: bool = Fal
     t0 = time.perf_counter()
     store = MKVStore(s.store_path)
     try:
-        server = FedEditServer(store, tau=s.tau)
+        server = server_class(s.method)(store, tau=s.tau)  # FedEditServer, or GRACE's CodebookServer
         for n in roster.nodes:
             server.register(roster.ids[n])
         result: dict[str, Any] = {"slots": [_slot(grid, roster, server, t, catching_up)

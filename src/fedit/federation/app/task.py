@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from fedit.deltas import WeightDeltas
+from fedit.federation.codebook import client_class
 from fedit.federation.fededit import FedEditClient, fedavg_update
 from fedit.federation.privacy import check_consent
 from fedit.federation.settings import FedSettings, client_records
@@ -70,8 +71,9 @@ def client_session(s: FedSettings, node_config: dict[str, Any], saved: dict[str,
     share = check_consent(s.mode, node_config, cid)  # the node's own consent, never the run config's
     lm = lm if lm is not None else model_for(s)
     hp = hparams_for(s.method, lm, s.hparam_overrides(), s.hparams_file or None)
-    client = FedEditClient(cid, lm, hp, resources_for(s), mode=s.mode, share_requests=share,
-                           match=s.match, method=s.method, norm_factor=s.norm_factor)
+    cls = client_class(s.method)  # FedEditClient, or GRACE's CodebookClient (bounds of its own)
+    client = cls(cid, lm, hp, resources_for(s), mode=s.mode, share_requests=share, match=s.match, method=s.method,
+                 **({"norm_factor": s.norm_factor} if cls is FedEditClient else {}))
     try:
         if saved is not None:
             client.load_state(saved)
