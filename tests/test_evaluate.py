@@ -342,3 +342,16 @@ def test_checkpoint_rebuilds_the_state_the_method_registers_and_refuses_another(
     Checkpoint(tmp_path / "m", {"method": "memit"}).save(lm.model, set(), state, progress)
     with pytest.raises(CheckpointError, match="registers no state class"):
         Checkpoint(tmp_path / "m", {"method": "memit"}).load()
+
+
+def test_zsre_fluency_generates_from_the_edited_prompt(tmp_path):
+    """zsRE records carry no generation prompts: fluency is still measured (from the question)."""
+    from fedit.data.loaders import load_records
+
+    lm = tiny_model("gpt2")
+    records = load_records("zsre", n=2)
+    assert not any(r.generation_prompts for r in records)
+    report = evaluate(lm, records, EvalConfig(method="memit", dataset="zsre", fluency_records=2, gen_tokens=8),
+                      overrides={**FAST, "layers": [1, 2]}, resources=resources(str(tmp_path / "c")))
+    assert "fluency" in report["metrics"] and "fluency" in report["metrics_pre"]
+    assert [g["prompt"] for g in report["generations"]] == [r.request.filled_prompt for r in records]

@@ -190,12 +190,20 @@ def generate(lm, prompts: list[str], max_new_tokens: int, seed: int) -> list[str
 
 
 def _fluency_subset(records: list[EvalRecord], cfg: EvalConfig) -> list[int]:
-    """Indices of the records whose first generation prompt is used for fluency."""
-    return [i for i, r in enumerate(records) if r.generation_prompts][: max(0, cfg.fluency_records)]
+    """Indices of the records generated from for fluency: the first ``cfg.fluency_records`` with
+    a generation prompt, or, in a dataset without them (zsRE), the first records."""
+    have = [i for i, r in enumerate(records) if r.generation_prompts] or list(range(len(records)))
+    return have[: max(0, cfg.fluency_records)]
+
+
+def _generation_prompt(record: EvalRecord) -> str:
+    """The record's first generation prompt; a dataset without them (zsRE) generates from the
+    edited prompt itself, as EasyEdit measures fluency on question datasets."""
+    return record.generation_prompts[0] if record.generation_prompts else record.request.filled_prompt
 
 
 def _generate_for(lm, records: list[EvalRecord], idx: list[int], cfg: EvalConfig) -> dict[int, str]:
-    texts = generate(lm, [records[i].generation_prompts[0] for i in idx], cfg.gen_tokens, cfg.seed)
+    texts = generate(lm, [_generation_prompt(records[i]) for i in idx], cfg.gen_tokens, cfg.seed)
     return dict(zip(idx, texts))
 
 
@@ -386,7 +394,7 @@ def _report(lm, records: list[EvalRecord], cfg: EvalConfig, run: _Run, raw_post:
                                  HEADLINE["counterfact"] + ["portability_acc"]) if k in post or k in pre],
         "consistency": "unavailable: needs idf.npy, tfidf_vocab.json and attribute snippets (not shipped)",
         "per_record": [{"case_id": r.case_id, "pre": a, "post": b} for r, a, b in zip(records, per_pre, per_post)],
-        "generations": [{"case_id": records[i].case_id, "prompt": records[i].generation_prompts[0],
+        "generations": [{"case_id": records[i].case_id, "prompt": _generation_prompt(records[i]),
                          "pre": run.gen_pre[i], "post": gen_post.get(i)} for i in flu_idx],
     }
     if per_batch:
@@ -427,7 +435,7 @@ def measure_unedited(lm, records: list[EvalRecord], flu_idx: list[int], cfg: Eva
         from fedit.evaluate.pre_cache import PreCache
 
         cache = PreCache(folder)
-        key = cache.key(lm, [_probes(r) for r in records], [records[i].generation_prompts[0] for i in flu_idx],
+        key = cache.key(lm, [_probes(r) for r in records], [_generation_prompt(records[i]) for i in flu_idx],
                         cfg.gen_tokens, cfg.seed,
                         [cfg.greedy_extra_tokens, cfg.greedy_neighbours] if cfg.generation_success else None)
         hit = cache.get(key, len(records))
