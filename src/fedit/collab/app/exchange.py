@@ -135,7 +135,8 @@ class FlowerExchange:
 
     def _named(self, info: dict[str, Any]) -> dict[str, Any]:
         """A SecAgg+ log entry naming clients, not node ids."""
-        return {**info, "summed": [self.ids[n] for n in info["summed"]], "dropped": [self.ids[n] for n in info["dropped"]]}
+        return {**info, "summed": sorted(self.ids[n] for n in info["summed"]),
+                "dropped": sorted(self.ids[n] for n in info["dropped"])}
 
     def _log(self, rnd: int, info: dict[str, Any]) -> None:
         """Keep the SecAgg+ log entry, and who was left out of this round's sum."""
