@@ -73,7 +73,8 @@ def _md_final(report: dict[str, Any], keys) -> list[str]:
                      f" | {mt.get('n', 0)} | {'—' if diff is None else f'{diff:.2e}'} |")
     if ref:
         last = ref[-1]
-        for name, label in (("base", "global MEMIT, base form (reference)"), ("layerwise", "global MEMIT, layer by layer")):
+        for name, label in (("base", "global MEMIT, base form (reference)"), ("layerwise", "global MEMIT, layer by layer"),
+                            ("layerwise_sequential", "MEMIT layer by layer, round after round with C₁")):
             if name in last:
                 lines.append(f"| {label} | " + " | ".join(_pct(last[name].get(k)) for k, _ in keys) +
                              f" | {last[name].get('n', 0)} | |")
