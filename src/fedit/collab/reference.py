@@ -66,8 +66,10 @@ def reference_rounds(lm, clients: list[CollabClient], resolutions: list[Resoluti
                      say: Callable[[str], None]) -> dict[str, Any]:
     """Global MEMIT over all facts of rounds ≤ t at once, from the base model (both forms), per round t.
 
-    Returns {"deltas": [base-form Δ per round], "report": {"rounds": [entry per round]}}; the
-    model is at its base weights on return."""
+    Returns {"deltas": [base-form Δ per round], "layerwise_deltas": [layer-by-layer Δ per round],
+    "sequential_deltas": [``sequential_layerwise``'s cumulative Δ per round: layer-sequential form,
+    several rounds only], "report": {"rounds": [entry per round]}}; the model is at its base
+    weights on return."""
     published = clients[0].model
     deltas, layerwise, entries = [], [], []
     try:
