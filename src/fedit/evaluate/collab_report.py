@@ -152,9 +152,17 @@ def _md_time(report: dict[str, Any]) -> list[str]:
     if report.get("secure_aggregation"):
         lines += ["## Secure aggregation (SecAgg+)", ""]
         for s in report["secure_aggregation"]:
-            lines.append(f"- {s['method']} round {s['round']}: {s['clients']} clients, {s['values']:,} integers summed "
+            at = f" layer {s['layer']}" if "layer" in s else ""
+            lines.append(f"- {s['method']} round {s['round']}{at}: {s['clients']} clients, {s['values']:,} integers summed "
                          f"in {s['seconds']} s; largest distance of a sum from an integer "
                          f"{s['max_distance_from_integer']:.1e}")
+        lines.append("")
+    if report.get("traffic"):
+        lines += ["## Messages (Flower)", "", "| round | exchanges | messages | MB down | MB up | seconds |",
+                  "|---|---|---|---|---|---|"]
+        for r, t in report["traffic"]["rounds"].items():
+            lines.append(f"| {r} | {t['exchanges']} | {t['messages']} | {t['bytes_down'] / 1e6:.3f} | "
+                         f"{t['bytes_up'] / 1e6:.3f} | {t['seconds']:.1f} |")
         lines.append("")
     return lines
 
