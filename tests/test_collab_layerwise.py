@@ -79,7 +79,8 @@ def test_layerwise_through_flower_with_secagg_equals_the_reference(tiny_model_di
     assert down[0] < down[1] < down[2]
 
 
-def test_layerwise_rounds_with_running_c1_equal_sequential_layer_by_layer_memit(tiny_cache):
+@pytest.mark.parametrize("arch, pullback", [("gpt2", 0), ("gemma3_text", 30)])
+def test_layerwise_rounds_with_running_c1_equal_sequential_layer_by_layer_memit(arch, pullback, tiny_cache):
     """Two rounds with the running covariance C₁. The reference (``reference.sequential_layerwise``):
     centralised MEMIT layer by layer, round after round. Round t edits the model carrying the
     reference's own rounds < t, with z of round t's kept facts optimised on that model; each layer
@@ -95,8 +96,8 @@ def test_layerwise_rounds_with_running_c1_equal_sequential_layer_by_layer_memit(
 
     from collab_local import max_relative, run_local
 
-    lm = tiny_model("gpt2")
-    hp, res = hparams_for("memit", lm, OVER), resources(tiny_cache)
+    lm = tiny_model(arch)
+    hp, res = hparams_for("memit", lm, {**OVER, "pullback_steps": pullback}), resources(tiny_cache)
     plan = split_plan(load_records("counterfact", n=12), clients=3, rounds=2, per_client=2)
     cfg = CollabConfig(merges=("collabedit",), form="layerwise", salt=b"s", layerwise_reference=False)
     ref, done, clients, solver = run_local(lm, plan, hp, res, cfg)
