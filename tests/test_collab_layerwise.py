@@ -68,3 +68,94 @@ def test_layerwise_through_flower_with_secagg_equals_the_reference(tiny_model_di
     assert [(s["round"], s["layer"], s["clients"]) for s in report["secure_aggregation"]] == [(1, 0, 2), (1, 1, 2),
                                                                                                (1, 2, 2)]
     assert out["vs_reference"]["collabedit"]["relative"] < 1e-4
+    # the report counts every exchange: one query and one secure sum per layer
+    ex = report["traffic"]["exchanges"]
+    assert [(e["exchange"], e["round"], e["step"]) for e in ex] == [
+        ("digest", 1, None), ("prepare", 1, None), ("layer", 1, 0), ("secagg", 1, 0), ("layer", 1, 1), ("secagg", 1, 1),
+        ("layer", 1, 2), ("secagg", 1, 2), ("evaluate", 1, None)]
+    assert all(e["messages_down"] == e["messages_up"] > 0 and e["bytes_up"] > 0 for e in ex)
+    # each layer's query carries the published model with one more merged layer than the last
+    down = [e["bytes_down"] for e in ex if e["exchange"] == "layer"]
+    assert down[0] < down[1] < down[2]
+
+
+@pytest.mark.parametrize("arch, pullback", [("gpt2", 0), ("gemma3_text", 30)])
+def test_layerwise_rounds_with_running_c1_equal_sequential_layer_by_layer_memit(arch, pullback, tiny_cache):
+    """Two rounds with the running covariance C₁. The reference (``reference.sequential_layerwise``):
+    centralised MEMIT layer by layer, round after round. Round t edits the model carrying the
+    reference's own rounds < t, with z of round t's kept facts optimised on that model; each layer
+    l, lowest first on the model as edited so far, is solved with λC₀ + C₁,l + K Kᵀ, where C₁,l is
+    the sum of K Kᵀ of the keys every earlier round measured at l. Each round's cumulative merged
+    Δ equals it; without C₁ both move elsewhere (C₁ is not negligible here), and equal each other."""
+    from dataclasses import replace
+
+    from fedit.collab.reference import resolutions_for, sequential_layerwise
+    from fedit.collab.report import attach_reference
+    from fedit.collab.driver import LocalExchange
+    from fedit.collab.rounds import run_merges
+
+    from collab_local import max_relative, run_local
+
+    lm = tiny_model(arch)
+    hp, res = hparams_for("memit", lm, {**OVER, "pullback_steps": pullback}), resources(tiny_cache)
+    plan = split_plan(load_records("counterfact", n=12), clients=3, rounds=2, per_client=2)
+    cfg = CollabConfig(merges=("collabedit",), form="layerwise", salt=b"s", layerwise_reference=False)
+    ref, done, clients, solver = run_local(lm, plan, hp, res, cfg)
+    got = done["deltas"]["collabedit"]
+    assert [r["rounds"][-1]["edited"] for r in done["runs"].values()] == [6]
+    for t in range(2):
+        assert max_relative(got[t], ref["sequential_deltas"][t]) < 1e-5, t
+    # the report's vs_reference is this comparison, round by round
+    report = {"runs": {"collabedit": {"rounds": [{}, {}]}}}
+    attach_reference(report, ref, done["deltas"], "layerwise")
+    assert all(r["vs_reference"]["relative"] < 1e-5 for r in report["runs"]["collabedit"]["rounds"])
+    assert "layerwise_sequential" in ref["report"]["rounds"][1]
+    # without C₁: the same round 1, another round 2 (for the run and for the reference alike)
+    no_c1 = replace(cfg, c1=False)
+    ref0 = sequential_layerwise(lm, clients, resolutions_for(clients, 2, no_c1), clients[0].hp, res, solver.C0, no_c1,
+                                lambda s: None)
+    got0 = run_merges(LocalExchange(clients, clients[0].model, solver), 2, no_c1, solver)["deltas"]["collabedit"]
+    clients[0].model.reset()
+    assert max_relative(got0[0], got[0]) < 1e-12
+    assert max_relative(ref0[1][0], ref["sequential_deltas"][1]) > 1e-3
+    assert max_relative(got0[1], ref0[1][0]) < 1e-5
+
+
+def _conflict_plan():
+    """c0: A, B; c1: A' (A to another target), C, a copy of c0's B; c2: A', D."""
+    import dataclasses
+
+    A, B, C, D, E = load_records("counterfact", n=5)
+    other = E.request.target_new
+    assert other.casefold() != A.request.target_new.casefold()
+    A2 = dataclasses.replace(A, request=dataclasses.replace(A.request, target_new=other))
+    return {"c0": [[A, B]], "c1": [[A2, C, B]], "c2": [[A2, D]]}, {"A": A, "A'": A2, "B": B, "C": C, "D": D}
+
+
+@pytest.mark.parametrize("policy, priority, keep, facts", [
+    ("reject", None, {"c0": [1], "c1": [1], "c2": [1]}, ["B", "C", "D"]),
+    ("first", None, {"c0": [0, 1], "c1": [1], "c2": [1]}, ["A", "B", "C", "D"]),
+    ("majority", None, {"c0": [1], "c1": [0, 1], "c2": [1]}, ["A'", "B", "C", "D"]),
+    ("priority", ["c2", "c0"], {"c0": [1], "c1": [1], "c2": [0, 1]}, ["A'", "B", "C", "D"]),
+])
+def test_layerwise_with_overlap_and_conflicts_equals_memit_on_the_kept_facts(policy, priority, keep, facts, tiny_cache):
+    """Overlap (c0's B sent again by c1, A' by c1 and c2) and a conflict (A vs A') under each policy:
+    the layer-sequential merge equals centralised layer-by-layer MEMIT (``compute_memit``, z
+    optimised there from scratch) over the deduplicated facts the policy keeps."""
+    import dataclasses
+
+    from fedit.methods.memit import compute_memit
+
+    from collab_local import max_relative, run_local
+
+    lm = tiny_model("gpt2")
+    hp, res = hparams_for("memit", lm, OVER), resources(tiny_cache)
+    plan, named = _conflict_plan()
+    cfg = CollabConfig(merges=("collabedit",), form="layerwise", salt=b"s", conflict_policy=policy, priority=priority)
+    _, done, _, _ = run_local(lm, plan, hp, res, cfg, reference=False)
+    assert done["resolutions"][0].keep == keep
+    assert done["resolutions"][0].n_duplicates == (2 if "A'" in facts else 1)  # B's copy; A''s second if it won
+    central = compute_memit(lm, [named[f].request for f in facts], dataclasses.replace(hp, form="layerwise"), res)
+    want = {l: lm.adapter.to_param_layout(central.deltas.deltas[lm.adapter.w_out_param_name(l)].double())
+            for l in hp.layers}
+    assert max_relative(done["deltas"]["collabedit"][0], want) < 1e-5

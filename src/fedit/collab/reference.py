@@ -2,7 +2,9 @@
 the base model, with the same target vectors z as the clients' edits.
 
 In the base form (what CollabEdit must equal: every key and residual measured on the unedited
-model) and layer by layer (MEMIT as published).
+model) and layer by layer (MEMIT as published). For the layer-sequential form over several rounds
+also the matching *sequential* reference (``sequential_layerwise``): centralised layer-by-layer
+MEMIT run round after round with the same running covariance C₁ as the server keeps.
 """
 
 from __future__ import annotations
@@ -65,8 +67,10 @@ def reference_rounds(lm, clients: list[CollabClient], resolutions: list[Resoluti
                      say: Callable[[str], None]) -> dict[str, Any]:
     """Global MEMIT over all facts of rounds ≤ t at once, from the base model (both forms), per round t.
 
-    Returns {"deltas": [base-form Δ per round], "report": {"rounds": [entry per round]}}; the
-    model is at its base weights on return."""
+    Returns {"deltas": [base-form Δ per round], "layerwise_deltas": [layer-by-layer Δ per round],
+    "sequential_deltas": [``sequential_layerwise``'s cumulative Δ per round: layer-sequential form,
+    several rounds only], "report": {"rounds": [entry per round]}}; the model is at its base
+    weights on return."""
     published = clients[0].model
     deltas, layerwise, entries = [], [], []
     try:
@@ -79,11 +83,63 @@ def reference_rounds(lm, clients: list[CollabClient], resolutions: list[Resoluti
                 entry.update(lw_entry)
                 layerwise.append(lw_delta)
             entries.append(entry)
+        sequential = []
+        if cfg.form == "layerwise" and len(resolutions) > 1:
+            sequential = sequential_layerwise(lm, clients, resolutions, hp, res, C0, cfg, say)
+            for entry, (_, scores) in zip(entries, sequential):
+                entry["layerwise_sequential"] = scores
     finally:
         published.reset()
         for c in clients:
             c.kept.clear()
-    return {"deltas": deltas, "layerwise_deltas": layerwise, "report": {"rounds": entries}}
+    return {"deltas": deltas, "layerwise_deltas": layerwise, "sequential_deltas": [d for d, _ in sequential],
+            "report": {"rounds": entries}}
+
+
+def sequential_layerwise(lm, clients: list[CollabClient], resolutions: list[Resolution], hp, res, C0, cfg: CollabConfig,
+                         say: Callable[[str], None]) -> list[tuple[dict[int, torch.Tensor], dict[str, Any]]]:
+    """Centralised layer-by-layer MEMIT, round after round, with a running covariance: what the
+    layer-sequential form equals over several rounds. Per round t (the model carrying the
+    cumulative Δ of rounds < t, z of the facts kept in round t optimised on that model):
+
+        for each edited layer l, lowest first, on the model as edited so far in this round:
+            Δ_l = R Kᵀ (λC₀ + C₁,l + K Kᵀ)⁻¹        (MEMIT's loop, ``memit.spread_over_layers``)
+        then C₁,l += w · K Kᵀ, K the keys measured at l in that step (w = ``cfg.c1_weight``;
+        no C₁ with ``cfg.c1`` off).
+
+    Returns per round (cumulative Δ [d_out, d_in] per layer, scores of the facts applied so far)."""
+    from fedit.core.solve import memit_delta
+    from fedit.methods.memit import block_residual, spread_over_layers
+
+    published = clients[0].model
+    groups = res.templates(lm, hp.context_template_length_params)
+    lw = dataclasses.replace(hp, form="layerwise")
+    total: dict[int, torch.Tensor] = {}
+    C1: dict[int, torch.Tensor] = {}
+    out = []
+    name = f"reference-sequential{'' if cfg.c1 else '-no-c1'}"
+    published.reset()  # round 1 on the base model (its z are those of the base-form reference)
+    for c in clients:
+        c.kept.clear()
+    for t, resolution in enumerate(resolutions):
+        say(f"reference: layer-by-layer MEMIT, round {t + 1}, on the reference's rounds < {t + 1}")
+        preps = {c.id: c.prepare(t, resolution.keep[c.id]) for c in clients}
+        for c in clients:
+            c.accept(t, preps[c.id])
+        vecs = [(c, p) for c in clients for p in [preps[c.id]] if p.n]
+        if vecs:
+            reqs = [c.round_records(t)[i].request for c, p in vecs for i in p.used]
+            zs = EditVectors.cat([p.vectors for _, p in vecs]).zs
+            delta, diag = spread_over_layers(lm, reqs, lw, groups, block_residual(lm, zs, hp.layers[-1]),
+                                             lambda l, K, R: memit_delta(K, R, C0[l], hp.mom2_update_weight, C1.get(l)))
+            for l, K in diag["layer_vectors"]["keys"].items():
+                if cfg.c1:
+                    C1[l] = C1.get(l, 0) + cfg.c1_weight * (K.double().T @ K.double())
+                total[l] = total.get(l, 0) + delta[l].double().cpu()
+        published.set(f"{name}@{t + 1}", total)
+        out.append(({l: d.clone() for l, d in total.items()}, _pooled(clients, t)))
+    published.reset()
+    return out
 
 
 def _base_form(lm, clients, resolutions, t: int, hp, C0):

@@ -65,9 +65,11 @@ def relative_diff(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> dic
 def attach_reference(report: dict[str, Any], reference: dict[str, Any], deltas: dict[str, list[dict]],
                      form: str = "base") -> None:
     """Put a reference into a report, with each method's Δ compared round by round to the global
-    MEMIT of the same ``form`` (base form, or layer by layer)."""
+    MEMIT of the same ``form``: base form; layer by layer (one round), or layer by layer round after
+    round with the same running C₁ (several rounds, ``reference.sequential_layerwise``)."""
     report["reference"] = reference["report"]
-    refs = reference["deltas"] if form == "base" else reference.get("layerwise_deltas", [])
+    refs = reference["deltas"] if form == "base" else (reference.get("sequential_deltas")
+                                                        or reference.get("layerwise_deltas", []))
     for m, ds in deltas.items():
         for entry, d, ref in zip(report["runs"][m]["rounds"], ds, refs):
             entry["vs_reference"] = relative_diff(d, ref)

@@ -73,7 +73,8 @@ def _md_final(report: dict[str, Any], keys) -> list[str]:
                      f" | {mt.get('n', 0)} | {'—' if diff is None else f'{diff:.2e}'} |")
     if ref:
         last = ref[-1]
-        for name, label in (("base", "global MEMIT, base form (reference)"), ("layerwise", "global MEMIT, layer by layer")):
+        for name, label in (("base", "global MEMIT, base form (reference)"), ("layerwise", "global MEMIT, layer by layer"),
+                            ("layerwise_sequential", "MEMIT layer by layer, round after round with C₁")):
             if name in last:
                 lines.append(f"| {label} | " + " | ".join(_pct(last[name].get(k)) for k, _ in keys) +
                              f" | {last[name].get('n', 0)} | |")
@@ -151,7 +152,8 @@ def _md_time(report: dict[str, Any]) -> list[str]:
     if report.get("secure_aggregation"):
         lines += ["## Secure aggregation (SecAgg+)", ""]
         for s in report["secure_aggregation"]:
-            lines.append(f"- {s['method']} round {s['round']}: {s['clients']} clients, {s['values']:,} integers summed "
+            at = f" layer {s['layer']}" if "layer" in s else ""
+            lines.append(f"- {s['method']} round {s['round']}{at}: {s['clients']} clients, {s['values']:,} integers summed "
                          f"in {s['seconds']} s; largest distance of a sum from an integer "
                          f"{s['max_distance_from_integer']:.1e}"
                          + (f"; dropped out, not in the sum: {', '.join(s['dropped'])}" if s.get("dropped") else ""))
@@ -162,6 +164,13 @@ def _md_time(report: dict[str, Any]) -> list[str]:
                   f"Gaussian mechanism per fact: noise multiplier {p['noise_multiplier']}, clipping ‖k‖ ≤ {p['clip_key']}, "
                   f"‖r‖ ≤ {p['clip_resid']}, {p['layers']} layers: μ = {p['mu']:.3g}-GDP, "
                   f"(ε, δ) = ({p['epsilon']:.3g}, {p['delta']:.0e}).", ""]
+    if report.get("traffic"):
+        lines += ["## Messages (Flower)", "", "| round | exchanges | messages | MB down | MB up | seconds |",
+                  "|---|---|---|---|---|---|"]
+        for r, t in report["traffic"]["rounds"].items():
+            lines.append(f"| {r} | {t['exchanges']} | {t['messages']} | {t['bytes_down'] / 1e6:.3f} | "
+                         f"{t['bytes_up'] / 1e6:.3f} | {t['seconds']:.1f} |")
+        lines.append("")
     return lines
 
 

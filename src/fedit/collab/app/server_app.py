@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedit import progress
 from fedit.collab.app import task
 from fedit.collab.app.exchange import FlowerExchange, privacy_of
+from fedit.collab.app.traffic import CountingGrid
 from fedit.collab.client import CollabError
 from fedit.collab.report import summary
 from fedit.collab.rounds import Solver, run_merges
@@ -46,6 +47,7 @@ def serve(grid: Grid, context: Context, s: CollabSettings, lm=None, res=None) ->
         raise CollabError(f"SecAgg+ needs 2 to {MAX_CLIENTS} clients, got {s.clients}.",
                           "run with more clients or without --secagg.")
     t0 = time.perf_counter()
+    grid = CountingGrid(grid)  # messages, bytes and seconds per exchange, for the report's "traffic"
     nodes = wait_for_nodes(grid, s.clients, s.node_timeout, fail=lambda m: CollabError(m, "start one node per client."))
     solver, layout, lm, hp = _solver_and_layout(s, lm, res)
     ex = FlowerExchange(grid, context, nodes, s, layout)
@@ -56,18 +58,26 @@ def serve(grid: Grid, context: Context, s: CollabSettings, lm=None, res=None) ->
     report.update(missing=ex.roster.missing, secagg=s.secagg, secure_aggregation=ex.secure_log,
                   dropped_out=ex.left_out_by_round(), privacy=privacy_of(s, len(hp.layers)), model=lm.name, dataset=s.dataset,
                   per_client=s.per_client, overlap=s.overlap, conflict=s.conflict,
-                  config=s.collab_config().to_dict(), reference=None, seconds=round(time.perf_counter() - t0, 3))
+                  config=s.collab_config().to_dict(), reference=None, seconds=round(time.perf_counter() - t0, 3),
+                  traffic=grid.report())
     return report, done["deltas"]
 
 
-def _write(s: CollabSettings, report: dict[str, Any]) -> None:
-    """The deployed run's report files (no reference: the server holds none of the facts)."""
+def _write(s: CollabSettings, report: dict[str, Any], deltas: dict[str, list]) -> None:
+    """The deployed run's report files (no reference: the server holds none of the facts) and each
+    method's merged edit after the last round, ``<out>/<method>.safetensors`` (for ``fedit apply``)."""
     import dataclasses
 
+    from fedit.deltas import WeightDeltas
     from fedit.evaluate.collab_report import write
 
-    report["hparams"] = dataclasses.asdict(task.held(s)["hp"])
+    h = task.held(s)
+    report["hparams"] = dataclasses.asdict(h["hp"])
     write(report, s.out)
+    for method, per_round in deltas.items():
+        if per_round and per_round[-1]:
+            WeightDeltas.from_layers(h["lm"], per_round[-1], f"collab-{method}", hparams=h["hp"]).save(
+                Path(s.out) / f"{method}.safetensors")
 
 
 def make_server_app(settings: CollabSettings | None = None, lm=None, res=None,
@@ -91,7 +101,7 @@ def make_server_app(settings: CollabSettings | None = None, lm=None, res=None,
             sink["error"] = e
             return
         if sink is None:
-            _write(s, report)
+            _write(s, report, deltas)
         else:
             sink.update(report=report, deltas=deltas)
 
