@@ -68,10 +68,11 @@ def test_layerwise_through_flower_with_secagg_equals_the_reference(tiny_model_di
     assert [(s["round"], s["layer"], s["clients"]) for s in report["secure_aggregation"]] == [(1, 0, 2), (1, 1, 2),
                                                                                                (1, 2, 2)]
     assert out["vs_reference"]["collabedit"]["relative"] < 1e-4
-    # the report counts every exchange: one query and one secure sum per layer
+    # the report counts every exchange: the clients' salt agreement once (round 0), then per round
+    # one query and one secure sum per layer
     ex = report["traffic"]["exchanges"]
     assert [(e["exchange"], e["round"], e["step"]) for e in ex] == [
-        ("digest", 1, None), ("prepare", 1, None), ("layer", 1, 0), ("secagg", 1, 0), ("layer", 1, 1), ("secagg", 1, 1),
+        ("keys", 0, None), ("seal", 0, None), ("open", 0, None), ("digest", 1, None), ("prepare", 1, None), ("layer", 1, 0), ("secagg", 1, 0), ("layer", 1, 1), ("secagg", 1, 1),
         ("layer", 1, 2), ("secagg", 1, 2), ("evaluate", 1, None)]
     assert all(e["messages_down"] == e["messages_up"] > 0 and e["bytes_up"] > 0 for e in ex)
     # each layer's query carries the published model with one more merged layer than the last
