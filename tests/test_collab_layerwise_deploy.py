@@ -42,10 +42,10 @@ def test_layerwise_collabedit_on_superlink_and_supernodes_with_secagg(tmp_path, 
     assert not (out / "collab.error.json").exists(), (out / "collab.error.json").read_text()
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["form"] == "layerwise" and report["runs"]["collabedit"]["rounds"][0]["edited"] == 4
-    # one secure sum per edited layer, and one query exchange per layer before it
+    # the salt agreement once, then one secure sum per edited layer, and one query exchange per layer before it
     assert [(a["round"], a["layer"], a["clients"]) for a in report["secure_aggregation"]] == [(1, 1, 2), (1, 2, 2)]
     ex = [(e["exchange"], e["step"]) for e in report["traffic"]["exchanges"]]
-    assert ex == [("digest", None), ("prepare", None), ("layer", 0), ("secagg", 0), ("layer", 1), ("secagg", 1),
+    assert ex == [("keys", None), ("seal", None), ("open", None), ("digest", None), ("prepare", None), ("layer", 0), ("secagg", 0), ("layer", 1), ("secagg", 1),
                   ("evaluate", None)]
     # The same facts in one process: the deployed merge (from masked sums, per layer) is the same edit.
     lm = load_model(str(tmp_path / "model"))
