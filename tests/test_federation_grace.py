@@ -54,7 +54,8 @@ def test_reused_entries_edit_without_optimising_and_cover_a_later_edit_of_the_sa
     base = {r.case_id: _logp(lm_b, r) for r in (EIFFEL, JORDAN, DARRIEUX)}
     unrelated = _logits(lm_b, UNRELATED)
     _, wire = _exchange(a, b, tiny_cache)
-    assert all("request" not in m and set(m) == {"fact", "fingerprint", "layer"} for m in wire.meta)
+    # what travels: the fact token, the base model, the layer and the store id, no text
+    assert all(set(m) == {"fact", "fingerprint", "layer", "mkv"} for m in wire.meta)
     assert {KEYS, VALUES, RADII, COUNT} <= set(wire.payloads[0]) and "z" not in wire.payloads[0]
     assert b.reuse(0, wire)["applied"] == 2 and b.report.reused == 2 and b.report.mkvs_computed == 1
     # b now answers a's facts as a does (same entries), its own too; unrelated text is untouched
