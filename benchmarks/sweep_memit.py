@@ -77,7 +77,9 @@ def _markdown(doc: dict) -> str:
     rows = sorted(doc["points"], key=lambda p: -p["metrics"].get(keys[0], 0))
     extra = sorted({k for p in rows for k in (p.get("set") or {})})
     method = doc["setup"].get("method", "memit")
-    lines = [f"# {method} sweep: {doc['model']}, {dataset}, {doc['n']} records, one batch", "",
+    skip = doc["setup"].get("skip", 0)
+    which = f"records {skip}–{skip + doc['n'] - 1}" if skip else f"{doc['n']} records"
+    lines = [f"# {method} sweep: {doc['model']}, {dataset}, {which}, one batch", "",
              "Unedited: " + ", ".join(f"{k} {100 * doc['pre'][k]:.1f}" for k in keys if k in doc["pre"]), "",
              "| layers | λ | " + "".join(f"{k} | " for k in extra) + " | ".join(keys)
              + " | mean residual left | step scales | s |",
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", default="counterfact", choices=["counterfact", "zsre"])
     ap.add_argument("--data", default=None, help="dataset file (default: the sample shipped with fedit)")
     ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--skip", type=int, default=0,
+                    help="leave out the first K records (a tuning split apart from the records a report uses)")
     ap.add_argument("--layers", default="3-6,4-7,5-8", help="layer ranges, e.g. 3-6,4-7")
     ap.add_argument("--lambdas", default=None,
                     help="values of mom2_update_weight (default 300,1000,3000; AlphaEdit has none)")
@@ -151,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     setup = {"model": args.model or fedit.DEFAULT_MODEL, "dataset": args.dataset, "data": args.data,
              "n": args.n, "hparams": json.loads(Path(args.hparams).read_text()) if args.hparams else None,
              "corpus": args.corpus, "target_precision": args.target_precision}
+    if args.skip:  # sweeps made before --skip keep their setup
+        setup["skip"] = args.skip
     if args.method != "memit":  # MEMIT sweeps made before --method keep their setup, and can be extended
         setup["method"] = args.method
     try:
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     lm = fedit.load_model(setup["model"], device=args.device, cache_dir=args.cache_dir)
-    records = load_records(args.dataset, args.data, n=args.n)
+    records = load_records(args.dataset, args.data, n=args.skip + args.n)[args.skip:]
     res = Resources(cache_dir=args.cache_dir, corpus=args.corpus, target_cache=args.target_cache)
     doc.update(model=lm.name, n=len(records))  # as resolved (setup holds what was asked for)
     # the unedited model, measured once for every run on these records (<cache>/measurements)

@@ -72,3 +72,23 @@ def test_sweep_of_alphaedit_hyperparameters(tiny_model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert sweep.main([*common, "--set", "alpha=100,0.1,1", "--set", "nullspace_threshold=1e6"]) == 0
     assert len(json.loads((tmp_path / "out" / "sweep.json").read_text())["points"]) == 5
+
+
+def test_sweep_on_a_tuning_split(tiny_model_dir, tmp_path):
+    """--skip K sweeps records K…K+n-1: the split is kept in the setup, so a sweep of other records
+    is never extended with it, and the table says which records it saw."""
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps(FAST))
+    common = ["--model", str(tiny_model_dir), "--hparams", str(hp), "--corpus", str(CORPUS), "--cache-dir",
+              str(tmp_path / "cache"), "--target-cache", str(tmp_path / "targets"), "--n", "2",
+              "--layers", "2", "--lambdas", "10"]
+    sweep = load_script("sweep_memit")
+    assert sweep.main([*common, "--skip", "2", "--out", str(tmp_path / "tune")]) == 0
+    assert sweep.main([*common, "--out", str(tmp_path / "first")]) == 0
+    tune = json.loads((tmp_path / "tune" / "sweep.json").read_text())
+    first = json.loads((tmp_path / "first" / "sweep.json").read_text())
+    assert tune["setup"]["skip"] == 2 and "skip" not in first["setup"]
+    # other records: none of the tuning split's targets serve the first records
+    assert first["points"][0]["targets_from_cache"] == 0
+    assert "records 2–3" in (tmp_path / "tune" / "sweep.md").read_text()
+    assert sweep.main([*common, "--out", str(tmp_path / "tune")]) == 2  # no --skip: another setup
