@@ -313,6 +313,25 @@ def test_eval_report_json_carries_provenance(model_dir, tmp_path, capsys):
         assert prov["data"]["shipped_sample"] and prov["data"]["sha256"] == sha256_file(sample_path("counterfact"))
         assert prov["model"]["fingerprint"] == out["provenance"]["model"]["fingerprint"]
     assert rep["provenance"] == out["provenance"]
+    assert "generation_success" in rep["metrics"] and rep["config"]["generation_success"]
+
+
+def test_eval_without_generation_success(model_dir, tmp_path, capsys):
+    """--no-generation-success skips the greedy continuations: the report has every teacher-forced
+    measure and says that it left generation_success out."""
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps({**FAST, "layers": [1, 2]}))
+    code, _ = _run(capsys, ["eval", "--method", "memit", "--dataset", "zsre", "--n", "1", "--fluency-n", "0",
+                            "--no-generation-success", "--hparams", str(hp), "--corpus", str(CORPUS),
+                            "--model", str(model_dir), "--cache-dir", str(tmp_path / "c"), "--out",
+                            str(tmp_path / "rep"), "--json"])
+    assert code == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["config"]["generation_success"] is False
+    assert not any(k.startswith("generation_") for k in {**rep["metrics"], **rep["metrics_pre"]})
+    assert {"reliability", "generalization", "locality", "portability"} <= set(rep["metrics"])
+    assert "generation_success" not in rep["headline"]
+    assert "generation_success" not in (tmp_path / "rep" / "report.md").read_text()
 
 
 # --- one vocabulary for federated runs -------------------------------------------------------

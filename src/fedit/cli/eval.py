@@ -25,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--sequential", action="store_true",
                    help="keep every batch applied (default: revert each batch after measuring it)")
     p.add_argument("--fluency-n", type=int, default=20, help="records generated from for fluency (0: skip)")
+    p.add_argument("--no-generation-success", action="store_true",
+                   help="skip the greedy continuations behind generation_success (about half of the "
+                        "measuring time; default: measure it)")
     p.add_argument("--final-only", action="store_true",
                    help="with --sequential: measure only at the end (default: also after every batch)")
     p.add_argument("--resume", action="store_true",
@@ -56,7 +59,8 @@ def run(args) -> int:
     hp, sources = common.resolve_hparams(args, lm, args.method)
     prov = common.provenance(lm, method=args.method, hparams=hp, sources=sources, data=data_file(args.data, args.dataset))
     cfg = EvalConfig(method=args.method, dataset=args.dataset, batch_size=args.batch_size,
-                     sequential=args.sequential, fluency_records=args.fluency_n, track_batches=not args.final_only)
+                     sequential=args.sequential, fluency_records=args.fluency_n, track_batches=not args.final_only,
+                     generation_success=not args.no_generation_success)
     ckpt = Path(args.out) / "checkpoint"
     with progress.task(f"{args.method} edits", total=len(records), unit="edit") as bar:
         report = evaluate(lm, records, cfg, overrides=common.overrides_from(args, args.method),
