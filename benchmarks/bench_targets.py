@@ -1,11 +1,13 @@
-"""Target optimisation with and without dropping stopped targets from the batch, same process.
+"""Target optimisation on today's path and with the speed switches on, same process.
 
 A measuring script, not a test: it prints figures and asserts nothing about time. It loads the
 default model (Gemma 3 270M, offline), takes ``--n`` CounterFact requests (the sample shipped
 with fedit unless ``--data`` names a file) and optimises their targets with the method's
-shipped configuration twice: today's loop, which runs the whole batch until its slowest
-request stops or the step limit (``drop_stopped=False``), and the loop in which a request that
-reached ``nll_stop`` leaves the batch (``drop_stopped=True``, the default). ``--repeats``
+shipped configuration twice: "old", today's path with the speed switches of
+:class:`fedit.core.targets.TargetConfig` off (``drop_stopped``: a request that reached
+``nll_stop`` leaves the batch; ``reuse_prefix``: the upper blocks run only the columns δ
+reaches), and "new", with them on (the default). ``--lever`` turns off one switch only;
+``--precision``/``--new-precision`` set the targets' precision (bfloat16 autocast). ``--repeats``
 alternates the two (old, new, new, old, ...) and keeps each one's fastest run. Reported:
 seconds per request for each and their ratio (printed to stderr as soon as known), each target's steps, final NLL and target
 probability exp(−NLL) under both (quality check), the largest |z_new − z_old| / |z_old|, and a
@@ -29,6 +31,7 @@ import time
 
 from _bench import load, parser, target_setup
 
+SWITCHES = ("drop_stopped", "reuse_prefix", "one_projection", "cast_once")  # TargetConfig's speed switches; off = the path before them
 STAGES = ["targets.first_forward", "targets.upper_forward", "targets.projection", "targets.kl", "targets.backward"]
 
 
@@ -55,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-n", type=int, default=2, help="requests in the profiled batch (0: no profile)")
     ap.add_argument("--nll-stop", type=float, default=None, help="override the method's nll_stop (to see the lever)")
     ap.add_argument("--steps", type=int, default=None, help="override the method's step limit")
+    ap.add_argument("--lever", default="all", choices=["all", *SWITCHES],
+                    help="the speed switch(es) 'old' turns off (default all: today's path)")
+    ap.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                    help="target precision of both runs (default float32)")
+    ap.add_argument("--new-precision", default=None, choices=["float32", "bfloat16"],
+                    help="target precision of the 'new' run only (default: --precision)")
     args = ap.parse_args(argv)
 
     lm, records = load(args)
@@ -66,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     base = dataclasses.replace(base, nll_stop=base.nll_stop if args.nll_stop is None else args.nll_stop,
                                steps=args.steps or base.steps)
     batch = args.batch or getattr(hp, "v_batch_size", 1)
-    cfgs = {"old": dataclasses.replace(base, drop_stopped=False), "new": dataclasses.replace(base, drop_stopped=True)}
+    ac = {"float32": None, "bfloat16": "bfloat16"}
+    base = dataclasses.replace(base, autocast=ac[args.precision])
+    off = {k: False for k in SWITCHES} if args.lever == "all" else {args.lever: False}
+    cfgs = {"old": dataclasses.replace(base, **off),
+            "new": dataclasses.replace(base, **{k: True for k in off}, autocast=ac[args.new_precision or args.precision])}
     compute_targets(lm, reqs[:1], templates, dataclasses.replace(base, steps=1))  # warm-up
     order = [("old", "new") if i % 2 == 0 else ("new", "old") for i in range(args.repeats)]
     results, seconds = {}, {"old": math.inf, "new": math.inf}
@@ -85,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps_limit": base.steps, "nll_stop": base.nll_stop, "templates": len(templates),
         "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
         "python": platform.python_version(), "repeats": args.repeats, "load_average": list(os.getloadavg()),
+        "configs": {k: {s: getattr(c, s) for s in (*SWITCHES, "autocast")} for k, c in cfgs.items()},
         "seconds_per_request": {k: round(v / len(reqs), 3) for k, v in seconds.items()},
         "speedup": round(seconds["old"] / seconds["new"], 3),
         "mean_steps": round(sum(r.steps for r in new) / len(new), 2),
@@ -94,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"target optimisation, {args.method} config ({len(templates)} templates, {base.steps} steps, "
              f"nll_stop {base.nll_stop}), {len(reqs)} requests in batches of {batch} on {lm.name} "
              f"({out['device']}, {out['threads']} threads, load {out['load_average'][0]:.2f}):"]
-    lines += [f"  {k} ({'drop_stopped=' + str(cfgs[k].drop_stopped)}): {out['seconds_per_request'][k]:7.2f} s/request, "
+    lines += [f"  {k} ({', '.join(f'{s}={getattr(cfgs[k], s)}' for s in (*off, 'autocast'))}): {out['seconds_per_request'][k]:7.2f} s/request, "
               f"mean NLL after {out['mean_nll_end'][k]:.3f}" for k in ("old", "new")]
     lines.append(f"  speed-up {out['speedup']:.2f}x; mean steps {out['mean_steps']}; "
                  f"max |z_new - z_old| / |z_old| = {z_rel:.1e}")

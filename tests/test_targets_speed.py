@@ -67,3 +67,96 @@ def test_joint_site_targets_leave_the_batch_too(tiny_cache):
         assert a.steps == b.steps
         for x, y in ((a.z, b.z), (a.joint_z, b.joint_z)):
             assert torch.allclose(x, y, rtol=1e-3, atol=1e-4 * float(y.norm())), (x - y).norm()
+
+
+def _seq_lengths(lm, fn):
+    """Run ``fn`` and return the sequence length the top block got in each of its calls."""
+    seen = []
+    top = list(lm.adapter.blocks())[-1]
+    handle = top.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
+        with_kwargs=True)
+    try:
+        out = fn()
+    finally:
+        handle.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "gpt_neox", "llama", "gemma3_text"])
+@pytest.mark.parametrize("method", ["memit", "pmet"])
+def test_suffix_passes_give_the_targets_of_full_rows(arch, method, tiny_cache):
+    """reuse_prefix: the upper blocks see only the columns from δ's on, and z does not change."""
+    lm = tiny_model(arch)
+    hp = hparams_for(method, lm, {**FAST, "layers": [1, 2]})
+    templates = flat(resources(tiny_cache).templates(lm, hp.context_template_length_params))
+    cfg = hp.target_config()
+    assert cfg.reuse_prefix and cfg.one_projection  # the defaults
+    reqs = [EIFFEL, JORDAN, DARRIEUX]
+    new, cols_new = _seq_lengths(lm, lambda: compute_targets(lm, reqs, templates, cfg, batch_size=3))
+    old_cfg = dataclasses.replace(cfg, reuse_prefix=False, one_projection=False, drop_stopped=False)
+    old, cols_old = _seq_lengths(lm, lambda: compute_targets(lm, reqs, templates, old_cfg, batch_size=3))
+    # first pass (full rows), the pass recording keys/values (full rows), then suffixes only
+    assert cols_new[:2] == cols_old[:2] and max(cols_new[2:]) < cols_old[0] / 2
+    for a, b in zip(new, old):
+        assert a.steps == b.steps and a.history == pytest.approx(b.history, rel=1e-4, abs=1e-5)
+        for x, y in ((a.z, b.z), (a.joint_z, b.joint_z)):
+            if y is not None:
+                assert torch.allclose(x, y, rtol=1e-3, atol=1e-4 * float(y.norm())), (x - y).norm()
+
+
+def test_rome_suffix_passes_with_a_single_request(tiny_cache):
+    lm = tiny_model("gemma3_text")
+    hp = hparams_for("rome", lm, {**FAST, "layers": [1]})
+    templates = flat(resources(tiny_cache).templates(lm, hp.context_template_length_params))
+    cfg = hp.target_config()
+    a = compute_target(lm, JORDAN, templates, cfg)
+    b = compute_target(lm, JORDAN, templates, dataclasses.replace(cfg, reuse_prefix=False, one_projection=False))
+    assert a.steps == b.steps and torch.allclose(a.z, b.z, rtol=1e-3, atol=1e-4 * float(b.z.norm()))
+
+
+def test_bfloat16_targets_with_the_unembedding_cast_once(tiny_cache):
+    lm = tiny_model("gemma3_text")
+    hp = hparams_for("memit", lm, {**FAST, "layers": [1, 2]})
+    templates = flat(resources(tiny_cache).templates(lm, hp.context_template_length_params))
+    cfg = dataclasses.replace(hp.target_config(), autocast="bfloat16")
+    reqs = [EIFFEL, JORDAN]
+    before = {k: (v.dtype, v.clone()) for k, v in lm.model.state_dict().items()}
+    new = compute_targets(lm, reqs, templates, cfg, batch_size=2)
+    for k, v in lm.model.state_dict().items():  # the matrices cast for the loop are back as they were
+        assert v.dtype == before[k][0] and torch.equal(v, before[k][1]), k
+    old_cfg = dataclasses.replace(cfg, reuse_prefix=False, one_projection=False, cast_once=False)
+    old = compute_targets(lm, reqs, templates, old_cfg, batch_size=2)
+    for a, b in zip(new, old):
+        assert float((a.z - b.z).norm() / b.z.norm()) < 0.03
+        assert abs(a.nll_end - b.nll_end) < 0.05 * max(1.0, b.nll_end)
+
+
+def test_blocks_without_a_cache_argument_run_full_rows():
+    """prefix.plan gives up (the caller runs full rows) when a block cannot take prefix keys."""
+    from torch import nn
+
+    from fedit.core import prefix
+
+    class Block(nn.Module):
+        def forward(self, hidden_states, attention_mask=None):
+            return hidden_states * 2
+
+    blocks = [Block(), Block()]
+    x = torch.randn(2, 5, 4)
+    calls = [((x,), {"attention_mask": None})] * 2
+    assert prefix.plan(blocks, calls, 0, x, torch.tensor([2, 3]), torch.tensor([5, 5])) is None
+
+
+def test_matrices_cast_for_a_loop_are_restored_after_an_error():
+    from fedit.core.targets import _matrices_cast
+
+    lm = tiny_model("gemma3_text")
+    blocks = list(lm.adapter.blocks())
+    w = blocks[1].mlp.down_proj.weight
+    ref = w.detach().clone()
+    with pytest.raises(RuntimeError):
+        with _matrices_cast(blocks[1:], torch.bfloat16):
+            assert w.dtype == torch.bfloat16 and blocks[1].input_layernorm.weight.dtype == torch.float32
+            raise RuntimeError("interrupted")
+    assert w.dtype == torch.float32 and torch.equal(w, ref)

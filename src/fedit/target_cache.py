@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from fedit.atomic import replace_with
+from fedit.core.targets import SPEED_SWITCHES
 from fedit.errors import FeditError
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
+# A cached target serves a configuration that differs only in its speed switches.
+SPEED_ONLY = SPEED_SWITCHES
+
+
 class TargetCache:
     """Optimised targets under ``root`` (one ``.pt`` file per target), keyed as described above."""
 
@@ -75,7 +80,7 @@ class TargetCache:
     def keys(self, lm, requests, templates: list[str], cfg) -> list[str]:
         base = json.dumps({"format": FORMAT, "model": lm.identity()["fingerprint"],
                            "weights": weights_digest(lm.model),
-                           "config": {k: v for k, v in asdict(cfg).items() if k != "drop_stopped"},  # speed only
+                           "config": {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY},
                            "templates": list(templates)}, sort_keys=True)
         out = []
         shapes = _target_shapes(lm, cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -104,3 +105,37 @@ def call_block(block: nn.Module, call: tuple[tuple, dict], hidden: torch.Tensor)
     else:
         out = block(**{**kwargs, "hidden_states": hidden})
     return _first(out)
+
+
+def bind_call(block: nn.Module, call: tuple[tuple, dict]) -> dict:
+    """A recorded block call as keyword arguments only (``**kwargs`` flattened in).
+
+    The first argument is named ``hidden_states`` whatever the block calls it, so a caller can
+    replace it and call ``block(**named)``.
+    """
+    args, kwargs = call
+    sig = inspect.signature(block.forward)
+    bound = sig.bind_partial(*args, **kwargs).arguments
+    named: dict = {}
+    for name, value in bound.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"{type(block).__name__} takes extra positional arguments; cannot bind them")
+        else:
+            named[name] = value
+    first = next(iter(sig.parameters))
+    if first != "hidden_states":
+        named["hidden_states"] = named.pop(first)
+    return named
+
+
+def call_block_named(block: nn.Module, named: dict, hidden: torch.Tensor, **replace) -> torch.Tensor:
+    """Call a block with keyword arguments from :func:`bind_call`, new hidden states and overrides."""
+    first = next(iter(inspect.signature(block.forward).parameters))
+    kw = {**named, **replace}
+    kw.pop("hidden_states", None)
+    kw[first] = hidden
+    return _first(block(**kw))

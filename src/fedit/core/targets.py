@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from fedit import progress
+from fedit.core import prefix
 from fedit.core.hooks import call_block, capture, edit_output, record_block_calls
 from fedit.core.tokens import last_token_of_span, pad, pad_id, subject_batch, target_ids
 from fedit.requests import EditRequest
@@ -44,6 +45,17 @@ from fedit.requests import EditRequest
 log = logging.getLogger(__name__)
 
 Site = Literal["w_out", "block", "attn"]
+
+
+# Switches that change how fast targets are found, not which: z is the same to float noise with
+# them on or off (tests/test_targets_speed.py). All off is the path before them ("today's path"
+# of benchmarks/bench_targets.py and bench_speed.py).
+SPEED_SWITCHES = ("drop_stopped", "reuse_prefix", "one_projection", "cast_once")
+
+
+def speed_switches(on: bool) -> dict[str, bool]:
+    """``TargetConfig`` keyword arguments turning every speed switch on (the default) or off."""
+    return {k: on for k in SPEED_SWITCHES}
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,9 @@ class TargetConfig:
     decay_power: float = 2  # weight decay ‖δ‖/‖h‖^p: 2 in ROME/MEMIT's code, 1 in PMET's
     autocast: str | None = None  # "bfloat16" / "float16": forward and backward under torch.autocast
     drop_stopped: bool = True  # a request that reached nll_stop leaves the batch's forward passes
+    reuse_prefix: bool = True  # upper blocks run only the columns δ reaches (needs reuse_lower)
+    one_projection: bool = True  # target and KL positions unembedded together
+    cast_once: bool = True  # autocast: upper matrices and the unembedding cast once per batch, not per call
 
     def __post_init__(self):
         if self.autocast not in (None, "bfloat16", "float16"):
@@ -201,77 +216,134 @@ def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: Target
     h_norms = [h.norm(dim=-1) for h in hs]  # each [n]
     max_norms = [cfg.clamp * hn for hn in h_norms]
 
-    def adder(delta, v: _Rows):
-        def add_delta(out):
-            return out + (v.onehot * delta[v.owner][:, None, :]).to(out.dtype)
-        return add_delta
-
-    def forward_final(v: _Rows) -> torch.Tensor:
-        with ExitStack() as stack:
-            for m, d in zip(sites, deltas):
-                stack.enter_context(edit_output(m, adder(d, v)))
-            if cfg.reuse_lower:
-                x = v.start_input
-                for j in range(start, len(blocks)):
-                    x = call_block(blocks[j], v.calls[j], x)
-                return ad.final_norm()(x)
-            return ad.body()(input_ids=v.ids, attention_mask=v.mask).last_hidden_state
-
-    active = torch.ones(n, dtype=torch.bool, device=dev)
-    history: list[list[float]] = [[] for _ in range(n)]
-    steps = torch.zeros(n, dtype=torch.long)
-    full = _Rows(ids, mask, start_input, calls, onehot, owner, rows, cols, toks, weight, req_of, kl_rows,
-                 kl_cols_t, kl_init, torch.arange(n, device=dev))
-    view = full
-    for it in range(cfg.steps + 1):
-        with precision():
-            with record_function("targets.upper_forward"):
-                final = forward_final(view)
-            with record_function("targets.projection"):
-                logits = ad.logits(final[view.rows, view.cols])
-        with record_function("targets.projection"):
-            logp = F.log_softmax(logits.float(), -1)  # [N, V]
-            tok_nll = -logp.gather(1, view.toks[:, None])[:, 0] * view.weight
-        k = len(view.live)
-        nll = torch.zeros(k, device=dev).index_add(0, view.req_of, tok_nll)  # [k] live requests
-        with record_function("targets.kl"):
+    # The upper blocks' matrices in the autocast precision for the whole loop (see cast_once).
+    with _matrices_cast(blocks[start:], getattr(torch, cfg.autocast) if cfg.cast_once and cfg.autocast else None):
+        plan = None
+        if cfg.reuse_prefix and cfg.reuse_lower:
+            cfg_m = getattr(lm.model, "config", None)
             with precision():
-                kl_logits = ad.logits(final[view.kl_rows, view.kl_cols])
-            kl_logp = F.log_softmax(kl_logits.float(), -1)
-            kl = (view.kl_init.exp() * (view.kl_init - kl_logp)).sum(-1)  # KL(P_orig ‖ P_δ), [k]
-        wd = sum(cfg.weight_decay * d[view.live].norm(dim=-1) / hn[view.live] ** cfg.decay_power
-                 for d, hn in zip(deltas, h_norms))
-        loss = nll + cfg.kl_factor * kl + wd
-        live_active = active[view.live]
-        for j, i in enumerate(view.live.tolist()):
-            if live_active[j]:
-                history[i].append(float(nll[j].detach()))
-        active[view.live] = live_active & (nll.detach() >= cfg.nll_stop)
-        stop = it == cfg.steps or not bool(active.any())
-        bar.update(cfg.steps - it if stop else 1, request=which, step=f"{it + (not stop)}/{cfg.steps}",
-                   nll=float(nll.detach().mean()))  # an early stop moves the bar to the batch's end
-        if stop:
-            break
-        frozen = [d.detach().clone() for d in deltas]
-        opt.zero_grad()
-        with record_function("targets.backward"):
-            (loss * active[view.live]).sum().backward()
-        opt.step()
-        steps += active.cpu().long()
-        with torch.no_grad():
-            for d, f, mx in zip(deltas, frozen, max_norms):
-                d[~active] = f[~active]  # stopped requests keep their δ (Adam's momentum aside)
-                norms = d.norm(dim=-1)
-                over = norms > mx
-                d[over] *= (mx[over] / norms[over])[:, None]
-        if cfg.drop_stopped and not bool(active[view.live].all()):
-            view = full.select(torch.nonzero(active).flatten(), n, R)
+                plan = prefix.plan(blocks, calls, start, start_input, lookup_t, mask.sum(-1),
+                                   getattr(cfg_m, "_attn_implementation", None), getattr(cfg_m, "sliding_window", None))
+        if plan is not None:  # every later pass runs each row from its δ column on (see core.prefix)
+            shift = plan.shift
+            assert bool((cols >= shift[rows]).all()) and bool((kl_cols_t >= shift[kl_rows]).all())
+            cols, kl_cols_t = cols - shift[rows], kl_cols_t - shift[kl_rows]
+            start_input, calls = plan.hidden, plan.named
+            onehot = torch.zeros(ids.shape[0], plan.length, 1, device=dev)
+            onehot[:, 0] = 1.0
+
+        # Under autocast every matrix product casts its float32 weight on every call: for Gemma 3's
+        # 262k x 640 unembedding that copy costs more than the product. With cast_once the
+        # unembedding and the upper blocks' matrices are cast once for the batch (the same rounding
+        # autocast applies, so the same numbers) and put back afterwards.
+        w_lp = None
+        if cfg.cast_once and cfg.autocast:
+            w_lp = ad.unembed().weight.detach().to(getattr(torch, cfg.autocast))
+
+        def unembed(x):
+            return ad.logits(x, weight=w_lp)
+
+        def adder(delta, v: _Rows):
+            def add_delta(out):
+                return out + (v.onehot * delta[v.owner][:, None, :]).to(out.dtype)
+            return add_delta
+
+        def forward_final(v: _Rows) -> torch.Tensor:
+            with ExitStack() as stack:
+                for m, d in zip(sites, deltas):
+                    stack.enter_context(edit_output(m, adder(d, v)))
+                if v.kv is not None:
+                    return ad.final_norm()(prefix.run(blocks, plan, start, v.start_input, v.calls, v.kv))
+                if cfg.reuse_lower:
+                    x = v.start_input
+                    for j in range(start, len(blocks)):
+                        x = call_block(blocks[j], v.calls[j], x)
+                    return ad.final_norm()(x)
+                return ad.body()(input_ids=v.ids, attention_mask=v.mask).last_hidden_state
+
+        active = torch.ones(n, dtype=torch.bool, device=dev)
+        history: list[list[float]] = [[] for _ in range(n)]
+        steps = torch.zeros(n, dtype=torch.long)
+        full = _Rows(ids, mask, start_input, calls, onehot, owner, rows, cols, toks, weight, req_of, kl_rows,
+                     kl_cols_t, kl_init, torch.arange(n, device=dev), plan.kv if plan is not None else None)
+        view = full
+        for it in range(cfg.steps + 1):
+            with precision():
+                with record_function("targets.upper_forward"):
+                    final = forward_final(view)
+            if cfg.one_projection:  # target and KL positions in one product with the unembedding
+                with record_function("targets.projection"), precision():
+                    both = unembed(final[torch.cat([view.rows, view.kl_rows]), torch.cat([view.cols, view.kl_cols])])
+                with record_function("targets.projection"):
+                    both = F.log_softmax(both.float(), -1)
+                logp, kl_logp = both[:len(view.rows)], both[len(view.rows):]
+            else:
+                with record_function("targets.projection"), precision():
+                    logits = ad.logits(final[view.rows, view.cols])
+                with record_function("targets.projection"):
+                    logp = F.log_softmax(logits.float(), -1)  # [N, V]
+                with record_function("targets.kl"), precision():
+                    kl_logits = ad.logits(final[view.kl_rows, view.kl_cols])
+                kl_logp = F.log_softmax(kl_logits.float(), -1)
+            tok_nll = -logp.gather(1, view.toks[:, None])[:, 0] * view.weight
+            k = len(view.live)
+            nll = torch.zeros(k, device=dev).index_add(0, view.req_of, tok_nll)  # [k] live requests
+            with record_function("targets.kl"):
+                kl = (view.kl_init.exp() * (view.kl_init - kl_logp)).sum(-1)  # KL(P_orig ‖ P_δ), [k]
+            wd = sum(cfg.weight_decay * d[view.live].norm(dim=-1) / hn[view.live] ** cfg.decay_power
+                     for d, hn in zip(deltas, h_norms))
+            loss = nll + cfg.kl_factor * kl + wd
+            live_active = active[view.live]
+            for j, i in enumerate(view.live.tolist()):
+                if live_active[j]:
+                    history[i].append(float(nll[j].detach()))
+            active[view.live] = live_active & (nll.detach() >= cfg.nll_stop)
+            stop = it == cfg.steps or not bool(active.any())
+            bar.update(cfg.steps - it if stop else 1, request=which, step=f"{it + (not stop)}/{cfg.steps}",
+                       nll=float(nll.detach().mean()))  # an early stop moves the bar to the batch's end
+            if stop:
+                break
+            frozen = [d.detach().clone() for d in deltas]
+            opt.zero_grad()
+            with record_function("targets.backward"):
+                (loss * active[view.live]).sum().backward()
+            opt.step()
+            steps += active.cpu().long()
+            with torch.no_grad():
+                for d, f, mx in zip(deltas, frozen, max_norms):
+                    d[~active] = f[~active]  # stopped requests keep their δ (Adam's momentum aside)
+                    norms = d.norm(dim=-1)
+                    over = norms > mx
+                    d[over] *= (mx[over] / norms[over])[:, None]
+            if cfg.drop_stopped and not bool(active[view.live].all()):
+                view = full.select(torch.nonzero(active).flatten(), n, R)
     seconds = (time.perf_counter() - t0) / n
     zs = [(h + d).detach() for h, d in zip(hs, deltas)]
     j = len(zs) > 1
     return [TargetResult(z=zs[0][i], h=hs[0][i], nll_start=history[i][0], nll_end=history[i][-1], steps=int(steps[i]),
                          seconds=seconds, history=history[i], joint_z=zs[1][i] if j else None,
                          joint_h=hs[1][i] if j else None) for i in range(n)]
+
+
+@contextmanager
+def _matrices_cast(modules, dtype):
+    """Cast the 2-D weights of ``modules`` to ``dtype`` while open; restore the originals after.
+
+    Under autocast a matrix product casts its weight on every call; casting once gives the same
+    numbers. The original tensors are put back however the block exits. ``dtype=None``: no-op.
+    """
+    saved = []
+    try:
+        if dtype is not None:
+            for mod in modules:
+                for p in mod.parameters():
+                    if p.dim() == 2 and p.dtype != dtype and p.dtype.is_floating_point:
+                        saved.append((p, p.data))
+                        p.data = p.data.to(dtype)
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
 
 
 def _take_rows(x, sel: torch.Tensor, B: int):
@@ -308,6 +380,7 @@ class _Rows:
     kl_cols: torch.Tensor  # [k]
     kl_init: torch.Tensor  # [k, V]
     live: torch.Tensor  # [k] the requests (indices into all n) these rows belong to
+    kv: dict | None = None  # suffix passes: each upper layer's keys/values of the full rows
 
     def select(self, live: torch.Tensor, n: int, R: int) -> "_Rows":
         """The rows of requests ``live`` only (``self`` must hold all ``n`` requests, R templates each)."""
@@ -322,4 +395,5 @@ class _Rows:
         return _Rows(self.ids[sel], self.mask[sel], self.start_input[sel], _take_rows(self.calls, sel, B),
                      self.onehot[sel], self.owner[sel], new_row[self.rows[keep]], self.cols[keep],
                      self.toks[keep], self.weight[keep], new_req[self.req_of[keep]],
-                     torch.arange(k * R, k * R + k, device=dev), self.kl_cols[live], self.kl_init[live], live)
+                     torch.arange(k * R, k * R + k, device=dev), self.kl_cols[live], self.kl_init[live], live,
+                     None if self.kv is None else _take_rows(self.kv, sel, B))

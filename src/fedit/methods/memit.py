@@ -11,7 +11,7 @@ import torch
 from fedit.core import activations
 from fedit.core.pullback import pull_back
 from fedit.core.solve import memit_delta
-from fedit.core.targets import TargetConfig
+from fedit.core.targets import TargetConfig, speed_switches
 from fedit.core.tokens import validate_for_tokenizer
 from fedit.deltas import WeightDeltas
 from fedit.errors import HparamsError
@@ -34,6 +34,9 @@ class MemitHparams:
     # "float32" (default) or "bfloat16"/"float16": target optimisation under torch.autocast
     # (~1.4x faster on CPUs with AMX, z within ~1 %; weights and solves stay float32)
     target_precision: str = "float32"
+    # False: target optimisation without its speed-ups (core.targets.SPEED_SWITCHES), the path
+    # the speed benchmark compares against; the targets agree to float noise either way
+    fast_targets: bool = True
     mom2_update_weight: float = 15000.0
     mom2_samples: int = 1000
     mom2_seq_len: int = 128
@@ -68,7 +71,7 @@ class MemitHparams:
         return TargetConfig(layer=self.layers[-1], site="block", steps=self.v_num_grad_steps, lr=self.v_lr,
                             clamp=self.clamp_norm_factor, kl_factor=self.kl_factor,
                             weight_decay=self.v_weight_decay, nll_stop=self.nll_stop,
-                            autocast=autocast_for(self.target_precision))
+                            autocast=autocast_for(self.target_precision), **speed_switches(self.fast_targets))
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 
 from fedit.core import activations
 from fedit.core.solve import rome_delta
-from fedit.core.targets import TargetConfig, compute_targets, target_summaries
+from fedit.core.targets import TargetConfig, compute_targets, speed_switches, target_summaries
 from fedit.core.templates import flat
 from fedit.core.tokens import validate_for_tokenizer
 from fedit.deltas import WeightDeltas
@@ -31,6 +31,9 @@ class RomeHparams:
     # "float32" (default) or "bfloat16"/"float16": target optimisation under torch.autocast
     # (~1.4x faster on CPUs with AMX, z within ~1 %; weights and solves stay float32)
     target_precision: str = "float32"
+    # False: target optimisation without its speed-ups (core.targets.SPEED_SWITCHES), the path
+    # the speed benchmark compares against; the targets agree to float noise either way
+    fast_targets: bool = True
     mom2_adjustment: bool = True
     mom2_samples: int = 1000
     mom2_seq_len: int = 128
@@ -49,7 +52,7 @@ class RomeHparams:
         return TargetConfig(layer=self.layers[0], site="w_out", steps=self.v_num_grad_steps, lr=self.v_lr,
                             clamp=self.clamp_norm_factor, kl_factor=self.kl_factor,
                             weight_decay=self.v_weight_decay, nll_stop=self.nll_stop,
-                            autocast=autocast_for(self.target_precision))
+                            autocast=autocast_for(self.target_precision), **speed_switches(self.fast_targets))
 
 
 def compute_rome(lm, requests: list[EditRequest], hp: RomeHparams, res: Resources) -> EditOutcome:

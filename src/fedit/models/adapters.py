@@ -177,9 +177,18 @@ class ModelAdapter:
                    else self.model.config.n_embd)
 
     # --- logits at chosen positions ---------------------------------------------------
-    def logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """Unembed hidden states that have passed the final norm ([..., d_model] -> [..., vocab])."""
-        logits = self.unembed()(final_hidden)
+    def logits(self, final_hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Unembed hidden states that have passed the final norm ([..., d_model] -> [..., vocab]).
+
+        ``weight``: a copy of the unembedding matrix to use instead (e.g. one already cast to
+        the precision of an autocast region, so it is not cast again on every call).
+        """
+        if weight is None:
+            logits = self.unembed()(final_hidden)
+        else:
+            bias = getattr(self.unembed(), "bias", None)
+            logits = torch.nn.functional.linear(final_hidden.to(weight.dtype), weight,
+                                                None if bias is None else bias.to(weight.dtype))
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
