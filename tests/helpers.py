@@ -33,7 +33,11 @@ def load_script(name: str):
     """Import ``benchmarks/<name>.py`` (the scripts are not part of the package)."""
     import importlib.util
 
+    import sys
+
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    if str(path.parent) not in sys.path:  # the scripts import their shared helpers (_bench.py)
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

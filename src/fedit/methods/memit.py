@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.profiler import record_function
 
 from fedit.core import activations
 from fedit.core.pullback import pull_back
@@ -122,22 +123,29 @@ def spread_over_layers(lm, requests: list[EditRequest], hp: MemitHparams, groups
 
     try:
         for i, l in enumerate(layers):
-            K = activations.keys(lm, [l], requests, groups)[l]  # [n, d_in]
-            resid, cur = residual.measure(lm, requests, {"__o": f"{ad.w_out_name(l)}:output"})  # [n, d_model]
+            with record_function("edit.keys"):
+                K = activations.keys(lm, [l], requests, groups)[l]  # [n, d_in]
+            with record_function("edit.residual"):
+                resid, cur = residual.measure(lm, requests, {"__o": f"{ad.w_out_name(l)}:output"})  # [n, d_model]
             residual_norms.append(float(resid.norm(dim=1).mean()))
             want = resid / (len(layers) - i) ** share_power
             if hp.pullback_steps > 0 and l != L:
-                want, err0, err1 = pull_back(lm, requests, l, L, want, steps=hp.pullback_steps)
+                with record_function("edit.pullback"):
+                    want, err0, err1 = pull_back(lm, requests, l, L, want, steps=hp.pullback_steps)
                 pullback.append({"layer": l, "error_plain": err0, "error_pulled_back": err1})
             R = ad.residual_to_w_out(l, want, cur["__o"][:, 0])
-            delta = solve(l, K, R)
+            with record_function("edit.solve"):
+                delta = solve(l, K, R)
             before = params[names[l]].detach().clone()
             scale = 1.0
             for _ in range(hp.backtrack_steps + 1):
                 with torch.no_grad():
                     params[names[l]].copy_(before + ad.to_param_layout(scale * delta).to(before.dtype))
-                if hp.backtrack_steps == 0 or l == L or mean_residual() < residual_norms[-1]:
+                if hp.backtrack_steps == 0 or l == L:
                     break
+                with record_function("edit.backtrack"):
+                    if mean_residual() < residual_norms[-1]:
+                        break
                 scale /= 2
             else:
                 scale = 0.0  # no step size helped: this layer does not write
@@ -146,7 +154,8 @@ def spread_over_layers(lm, requests: list[EditRequest], hp: MemitHparams, groups
             steps.append(scale)
             deltas[l] = scale * delta
             vec_keys[l], vec_resids[l] = K.float().cpu(), (scale * R).float().cpu()
-        residual_norms.append(mean_residual())
+        with record_function("edit.residual"):
+            residual_norms.append(mean_residual())
         if on_edited is not None:
             on_edited()
     finally:
@@ -197,7 +206,8 @@ def compute_memit(lm, requests: list[EditRequest], hp: MemitHparams, res: Resour
     targets, t_target = [], 0.0
     if zs is None:
         zs, targets, t_target = targets_for(lm, requests, hp, groups, res.target_store())
-    C = res.second_moments(lm, layers, hp.mom2_samples, hp.mom2_seq_len)
+    with record_function("edit.statistics"):
+        C = res.second_moments(lm, layers, hp.mom2_samples, hp.mom2_seq_len)
     deltas, diag = spread_over_layers(lm, requests, hp, groups, block_residual(lm, zs, L),
                                       lambda l, K, R: memit_delta(K, R, C[l], hp.mom2_update_weight))
     with_vectors(lm, zs, diag)

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from fedit.core import activations
 from fedit.core.solve import rome_delta
@@ -65,7 +66,8 @@ def compute_rome(lm, requests: list[EditRequest], hp: RomeHparams, res: Resource
     ad, layer = lm.adapter, hp.layers[0]
     groups = res.templates(lm, hp.context_template_length_params)
     templates = flat(groups)
-    C = res.second_moments(lm, [layer], hp.mom2_samples, hp.mom2_seq_len)[layer] if hp.mom2_adjustment else None
+    with record_function("edit.statistics"):
+        C = res.second_moments(lm, [layer], hp.mom2_samples, hp.mom2_seq_len)[layer] if hp.mom2_adjustment else None
     w_name = ad.w_out_param_name(layer)
     param = dict(lm.model.named_parameters())[w_name]
     original = param.detach().clone()
@@ -73,12 +75,15 @@ def compute_rome(lm, requests: list[EditRequest], hp: RomeHparams, res: Resource
     targets, t_target = [], 0.0
     try:
         for req in requests:
-            k_avg = activations.keys(lm, [layer], [req], [templates])[layer][0]
+            with record_function("edit.keys"):
+                k_avg = activations.keys(lm, [layer], [req], [templates])[layer][0]
             tr, = compute_targets(lm, [req], templates, hp.target_config(), cache=res.target_store())
             t_target += tr.seconds
-            io = activations.at_subject(lm, [req], ["{}"], {"k": f"{ad.w_out_name(layer)}:input",
-                                                            "wk": f"{ad.w_out_name(layer)}:output"})
-            delta = rome_delta(C, k_avg, io["k"][0, 0], io["wk"][0, 0], tr.z)
+            with record_function("edit.keys"):
+                io = activations.at_subject(lm, [req], ["{}"], {"k": f"{ad.w_out_name(layer)}:input",
+                                                                "wk": f"{ad.w_out_name(layer)}:output"})
+            with record_function("edit.solve"):
+                delta = rome_delta(C, k_avg, io["k"][0, 0], io["wk"][0, 0], tr.z)
             with torch.no_grad():
                 param.add_(ad.to_param_layout(delta).to(param.dtype))
             total += delta

@@ -1,0 +1,38 @@
+"""benchmarks/bench_speed.py on a tiny model: both paths run on the same records and agree."""
+
+import json
+
+from helpers import CORPUS, FAST, load_script
+
+
+def test_speed_benchmark_runs_both_paths_and_compares_rates(tiny_model_dir, tmp_path, capsys):
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps({**FAST, "layers": [1, 2]}))
+    bench = load_script("bench_speed")
+    out = tmp_path / "out"
+    assert bench.main(["--method", "memit", "--n", "3", "--out", str(out), "--json", "--",
+                       "--model", str(tiny_model_dir), "--hparams", str(hp), "--corpus", str(CORPUS),
+                       "--cache-dir", str(tmp_path / "cache")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res == json.loads((out / "speed.json").read_text())
+    today = json.loads((out / "today" / "report.json").read_text())
+    new = json.loads((out / "new" / "report.json").read_text())
+    assert today["n"] == new["n"] == 3 and today["targets_from_cache"] == new["targets_from_cache"] == 0
+    assert set(res["seconds_per_fact"]) == {"today", "new"} and res["speedup"] > 0
+    # float32 targets agree to float noise either way, so the edits measure the same
+    assert res["rate_differences"] and all(abs(v) < 1e-6 for v in res["rate_differences"].values())
+
+
+def test_stage_profile_of_an_edit_on_both_paths(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEDIT_CACHE", str(tmp_path / "cache"))
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps({**FAST, "layers": [1, 2], "mom2_samples": 8}))
+    prof = load_script("profile_edit")
+    assert prof.main(["--model", str(tiny_model_dir), "--hparams", str(hp), "--corpus", str(CORPUS), "--n", "2",
+                      "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["paths"]) == ["today", "new"]
+    for p in out["paths"].values():
+        st = p["stages_s"]
+        assert st["edit"] > 0 and st["measure"] > 0 and st["targets.upper_forward"] > 0 and st["edit.keys"] > 0
+        assert set(prof.STAGES) <= set(st) and st["targets"] <= st["edit"]
