@@ -2,7 +2,7 @@
 
 A measuring script, not a test: it prints figures and asserts nothing about time. It runs
 ``fedit eval`` twice on the same ``--n`` records with the same options, once with
-``--set fast_targets=false`` ("today": target optimisation without the switches of
+``--set speedups=false`` ("today": target optimisation without the switches of
 ``fedit.core.targets.SPEED_SWITCHES``) and once as shipped ("new"), each in its own process
 with no target cache, so each optimises every target itself. It prints each run's seconds per
 edited fact (``edit_seconds / n``: targets, keys, statistics, solves; measurement excluded),
@@ -44,7 +44,7 @@ def _run(name: str, args, extra: list[str], out: Path) -> dict:
     if args.target_precision:
         cmd += ["--target-precision", args.target_precision]
     if name == "today":
-        cmd += ["--set", "fast_targets=false"]
+        cmd += ["--set", "speedups=false"]
     cmd += extra
     sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[1:])}\n")
     t0 = time.perf_counter()

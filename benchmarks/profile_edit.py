@@ -2,7 +2,7 @@
 
 A measuring script, not a test: it prints figures and asserts nothing about time. It loads the
 default model, takes the first ``--n`` CounterFact records and, for each path (``today``:
-``fast_targets=false``; ``new``: as shipped), runs under ``torch.profiler`` one
+``speedups=false``; ``new``: as shipped), runs under ``torch.profiler`` one
 ``fedit.edit`` of all of them with ``--method`` (MEMIT: one batch; ROME: one edit after another)
 and then the teacher-forced measurement of the same records on the edited model, which it
 reverts afterwards. Printed per stage (inclusive seconds; stages nest, e.g. the targets'
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stderr.write(f"{args.method}, {len(reqs)} records, {args.precision} targets, {out['threads']} threads "
                      f"(warm-up {warm:.0f} s, load {out['load_average'][0]:.2f}):\n")
     for path in args.paths.split(","):
-        hp = hparams_for(args.method, lm, {"fast_targets": path == "new", "target_precision": args.precision},
+        hp = hparams_for(args.method, lm, {"speedups": path == "new", "target_precision": args.precision},
                          args.hparams)
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -160,3 +160,18 @@ def test_matrices_cast_for_a_loop_are_restored_after_an_error():
             assert w.dtype == torch.bfloat16 and blocks[1].input_layernorm.weight.dtype == torch.float32
             raise RuntimeError("interrupted")
     assert w.dtype == torch.float32 and torch.equal(w, ref)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3_text"])
+def test_pull_back_on_suffixes_matches_full_prompts(arch):
+    from fedit.core.pullback import pull_back
+
+    lm = tiny_model(arch)
+    reqs = [EIFFEL, JORDAN, DARRIEUX]
+    torch.manual_seed(0)
+    want = torch.randn(len(reqs), lm.model.config.hidden_size) * 0.5
+    fast = pull_back(lm, reqs, 1, 3, want, steps=8)
+    slow = pull_back(lm, reqs, 1, 3, want, steps=8, suffix=False)
+    assert fast[1] == pytest.approx(slow[1], rel=1e-4) and fast[2] == pytest.approx(slow[2], rel=1e-3)
+    assert torch.allclose(fast[0], slow[0], rtol=1e-3, atol=1e-4 * float(slow[0].norm()))
+    assert fast[2] < fast[1]  # it does improve on Δ = want

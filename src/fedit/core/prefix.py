@@ -66,6 +66,7 @@ class SuffixPlan:
     kv: dict  # layer index -> (keys, values) of the full rows, [B, heads, T, head_dim]
     shift: torch.Tensor  # [B] c_r: suffix column i of row r is full column c_r + i
     length: int  # L
+    end: int  # the blocks planned are blocks[start:end]
 
 
 def _cache_arg(block: nn.Module, named: dict) -> str | None:
@@ -121,8 +122,9 @@ def _gather_cols(x: torch.Tensor, q: torch.Tensor, B: int, T: int) -> torch.Tens
 
 
 def plan(blocks, calls, start: int, start_input: torch.Tensor, shift: torch.Tensor, lengths: torch.Tensor,
-         attn_implementation: str | None = None, window: int | None = None) -> SuffixPlan | None:
-    """Prepare suffix-only passes of ``blocks[start:]`` (see the module docstring), or ``None``.
+         attn_implementation: str | None = None, window: int | None = None, end: int | None = None
+         ) -> SuffixPlan | None:
+    """Prepare suffix-only passes of ``blocks[start:end]`` (see the module docstring), or ``None``.
 
     ``calls`` are the blocks' recorded calls of a full pass over rows whose input to
     ``blocks[start]`` was ``start_input`` [B, T, d]; ``shift`` [B] is each row's first column
@@ -133,6 +135,7 @@ def plan(blocks, calls, start: int, start_input: torch.Tensor, shift: torch.Tens
     """
     B, T = start_input.shape[:2]
     dev = start_input.device
+    end = len(blocks) if end is None else end
     L = int((lengths - shift).max())
     if L <= 0 or L >= T:
         return None  # nothing to gain
@@ -140,7 +143,7 @@ def plan(blocks, calls, start: int, start_input: torch.Tensor, shift: torch.Tens
     q = (shift[:, None] + i[None, :]).clamp(max=T - 1)
     named_all: list = [None] * len(blocks)
     cache_args: list = [None] * len(blocks)
-    for j in range(start, len(blocks)):
+    for j in range(start, end):
         try:
             named = bind_call(blocks[j], calls[j])
         except TypeError as e:
@@ -181,19 +184,21 @@ def plan(blocks, calls, start: int, start_input: torch.Tensor, shift: torch.Tens
     rec = PrefixKV()
     with torch.no_grad():
         x = start_input
-        for j in range(start, len(blocks)):
+        for j in range(start, end):
             x = call_block_named(blocks[j], bind_call(blocks[j], calls[j]), x, **{cache_args[j]: rec})
-    if len(rec.kv) != len(blocks) - start:
-        log.debug("prefix reuse off: %d of %d upper blocks updated the cache", len(rec.kv), len(blocks) - start)
+    if len(rec.kv) != end - start:
+        log.debug("prefix reuse off: %d of %d upper blocks updated the cache", len(rec.kv), end - start)
         return None
     hidden = _gather_cols(start_input, q, B, T)
-    return SuffixPlan(hidden, named_all, cache_args, rec.kv, shift, L)
+    return SuffixPlan(hidden, named_all, cache_args, rec.kv, shift, L, end)
 
 
 def run(blocks, p: SuffixPlan, start: int, hidden: torch.Tensor, named: list, kv: dict) -> torch.Tensor:
-    """Run ``blocks[start:]`` on suffix hidden states with prefix keys/values ``kv``."""
+    """Run ``blocks[start:p.end]`` on suffix hidden states with prefix keys/values ``kv``.
+
+    ``named`` and ``kv`` are ``p.named`` and ``p.kv``, or a selection of their rows."""
     cache = PrefixKV(kv)
     x = hidden
-    for j in range(start, len(blocks)):
+    for j in range(start, p.end):
         x = call_block_named(blocks[j], named[j], x, **{p.cache_arg[j]: cache})
     return x

@@ -35,9 +35,10 @@ class MemitHparams:
     # "float32" (default) or "bfloat16"/"float16": target optimisation under torch.autocast
     # (~1.4x faster on CPUs with AMX, z within ~1 %; weights and solves stay float32)
     target_precision: str = "float32"
-    # False: target optimisation without its speed-ups (core.targets.SPEED_SWITCHES), the path
-    # the speed benchmark compares against; the targets agree to float noise either way
-    fast_targets: bool = True
+    # False: target optimisation (core.targets.SPEED_SWITCHES) and pull-back without their
+    # speed-ups, the path benchmarks/bench_speed.py compares against; the same numbers to
+    # float noise either way
+    speedups: bool = True
     mom2_update_weight: float = 15000.0
     mom2_samples: int = 1000
     mom2_seq_len: int = 128
@@ -72,7 +73,7 @@ class MemitHparams:
         return TargetConfig(layer=self.layers[-1], site="block", steps=self.v_num_grad_steps, lr=self.v_lr,
                             clamp=self.clamp_norm_factor, kl_factor=self.kl_factor,
                             weight_decay=self.v_weight_decay, nll_stop=self.nll_stop,
-                            autocast=autocast_for(self.target_precision), **speed_switches(self.fast_targets))
+                            autocast=autocast_for(self.target_precision), **speed_switches(self.speedups))
 
 
 @dataclass
@@ -131,7 +132,8 @@ def spread_over_layers(lm, requests: list[EditRequest], hp: MemitHparams, groups
             want = resid / (len(layers) - i) ** share_power
             if hp.pullback_steps > 0 and l != L:
                 with record_function("edit.pullback"):
-                    want, err0, err1 = pull_back(lm, requests, l, L, want, steps=hp.pullback_steps)
+                    want, err0, err1 = pull_back(lm, requests, l, L, want, steps=hp.pullback_steps,
+                                                 suffix=getattr(hp, "speedups", True))
                 pullback.append({"layer": l, "error_plain": err0, "error_pulled_back": err1})
             R = ad.residual_to_w_out(l, want, cur["__o"][:, 0])
             with record_function("edit.solve"):
