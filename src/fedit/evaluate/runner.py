@@ -229,6 +229,8 @@ class _Run:
     from_cache: int = 0  # targets taken from the target cache
     state: Any = None  # a stateful method's state, carried between sequential batches
     touched: set[str] = field(default_factory=set)  # parameters the edits so far changed
+    # per batch: its edits, its own edit seconds, target seconds and the process's peak RSS so far
+    batch_costs: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def resumed(cls, doc: dict[str, Any], state, touched: set[str]) -> "_Run":
@@ -236,14 +238,14 @@ class _Run:
                    batches_done=doc["batches_done"], per_batch=doc["per_batch"],
                    diagnostics=doc.get("diagnostics", []), done=doc["done"], edit_seconds=doc["edit_seconds"],
                    target_seconds=doc["target_seconds"], from_cache=doc["from_cache"], state=state,
-                   touched=touched)
+                   touched=touched, batch_costs=doc.get("batch_costs", []))
 
     def progress(self, model_name: str) -> dict[str, Any]:
         """The progress document of a checkpoint."""
         return {"batches_done": self.batches_done, "per_batch": self.per_batch, "diagnostics": self.diagnostics,
                 "done": self.done, "edit_seconds": self.edit_seconds, "target_seconds": self.target_seconds,
                 "from_cache": self.from_cache, "raw_pre": self.raw_pre, "gen_pre": self.gen_pre,
-                "model_name": model_name}
+                "model_name": model_name, "batch_costs": self.batch_costs}
 
 
 def evaluate(lm, records: list[EvalRecord], cfg: EvalConfig, overrides: dict | None = None,
@@ -321,6 +323,10 @@ def _edit_batch(lm, records: list[EvalRecord], cfg: EvalConfig, batch: list[int]
     run.edit_seconds += out.seconds
     run.target_seconds += out.target_seconds
     run.from_cache += sum(bool(t.get("cached")) for t in out.targets)
+    run.batch_costs.append({"batch": number, "edits": len(batch), "edit_seconds": round(out.seconds, 3),
+                            "target_seconds": round(out.target_seconds, 3),
+                            "targets_from_cache": sum(bool(t.get("cached")) for t in out.targets),
+                            "peak_rss_mb": round(_peak_rss_mb(), 1)})
     if (d := edit_diagnostics(out.diagnostics)) is not None:
         run.diagnostics.append({"batch": number, **d})
     return out.deltas
@@ -401,6 +407,8 @@ def _report(lm, records: list[EvalRecord], cfg: EvalConfig, run: _Run, raw_post:
         report["per_batch"] = per_batch
     if run.diagnostics:
         report["edit_diagnostics"] = run.diagnostics
+    if run.batch_costs:  # the cost curve: seconds per batch against edits so far (docs/benchmarks.md)
+        report["batch_costs"] = run.batch_costs
     return report
 
 
