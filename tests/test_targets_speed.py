@@ -175,3 +175,16 @@ def test_pull_back_on_suffixes_matches_full_prompts(arch):
     assert fast[1] == pytest.approx(slow[1], rel=1e-4) and fast[2] == pytest.approx(slow[2], rel=1e-3)
     assert torch.allclose(fast[0], slow[0], rtol=1e-3, atol=1e-4 * float(slow[0].norm()))
     assert fast[2] < fast[1]  # it does improve on Δ = want
+
+
+def test_fused_loss_gives_the_targets_of_the_full_log_softmax(tiny_cache):
+    lm = tiny_model("gemma3_text")
+    hp = hparams_for("memit", lm, {**FAST, "layers": [1, 2]})
+    templates = flat(resources(tiny_cache).templates(lm, hp.context_template_length_params))
+    cfg = hp.target_config()
+    reqs = [EIFFEL, JORDAN, DARRIEUX]
+    a = compute_targets(lm, reqs, templates, dataclasses.replace(cfg, fused_loss=True), batch_size=3)
+    b = compute_targets(lm, reqs, templates, cfg, batch_size=3)
+    for x, y in zip(a, b):
+        assert x.steps == y.steps and x.history == pytest.approx(y.history, rel=1e-4, abs=1e-5)
+        assert torch.allclose(x.z, y.z, rtol=1e-3, atol=1e-4 * float(y.z.norm()))

@@ -59,7 +59,7 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 # A cached target serves a configuration that differs only in its speed switches.
-SPEED_ONLY = SPEED_SWITCHES
+SPEED_ONLY = (*SPEED_SWITCHES, "fused_loss")
 
 
 class TargetCache:

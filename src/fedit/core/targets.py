@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from fedit import progress
-from fedit.core import prefix
+from fedit.core import lse, prefix
 from fedit.core.hooks import call_block, capture, edit_output, record_block_calls
 from fedit.core.tokens import last_token_of_span, pad, pad_id, subject_batch, target_ids
 from fedit.requests import EditRequest
@@ -77,6 +77,9 @@ class TargetConfig:
     reuse_prefix: bool = True  # upper blocks run only the columns δ reaches (needs reuse_lower)
     one_projection: bool = True  # target and KL positions unembedded together
     cast_once: bool = True  # autocast: upper matrices and the unembedding cast once per batch, not per call
+    # NLL and KL over the vocabulary in chunks (core.lse): no [N, V] float32 logits, which saves
+    # memory, but measured no faster on this CPU (docs/benchmarks.md), so off by default
+    fused_loss: bool = False
 
     def __post_init__(self):
         if self.autocast not in (None, "bfloat16", "float16"):
@@ -243,6 +246,11 @@ def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: Target
         def unembed(x):
             return ad.logits(x, weight=w_lp)
 
+        # The fused loss needs plain logits W h: no bias, no soft-capping (Gemma 2 caps them).
+        fused = bool(cfg.fused_loss and cfg.one_projection and getattr(ad.unembed(), "bias", None) is None
+                     and not getattr(getattr(lm.model, "config", None), "final_logit_softcapping", None))
+        w_loss = w_lp if w_lp is not None else ad.unembed().weight.detach()
+
         def adder(delta, v: _Rows):
             def add_delta(out):
                 return out + (v.onehot * delta[v.owner][:, None, :]).to(out.dtype)
@@ -271,7 +279,17 @@ def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: Target
             with precision():
                 with record_function("targets.upper_forward"):
                     final = forward_final(view)
-            if cfg.one_projection:  # target and KL positions in one product with the unembedding
+            if fused:  # NLL and KL straight from the hidden states, the vocabulary in chunks (core.lse)
+                with record_function("targets.projection"):
+                    h_all = final[torch.cat([view.rows, view.kl_rows]), torch.cat([view.cols, view.kl_cols])]
+                    p0 = view.kl_init.exp()
+                    ce = lse.soft_cross_entropy(h_all, w_loss, torch.cat([view.toks, torch.full_like(view.kl_cols, -1)]),
+                                                p0)
+                tok_nll = ce[:len(view.rows)] * view.weight
+                k = len(view.live)
+                nll = torch.zeros(k, device=dev).index_add(0, view.req_of, tok_nll)  # [k] live requests
+                kl = ce[len(view.rows):] + (p0 * view.kl_init).sum(-1)  # cross-entropy − entropy of P_orig
+            elif cfg.one_projection:  # target and KL positions in one product with the unembedding
                 with record_function("targets.projection"), precision():
                     both = unembed(final[torch.cat([view.rows, view.kl_rows]), torch.cat([view.cols, view.kl_cols])])
                 with record_function("targets.projection"):
@@ -285,11 +303,12 @@ def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: Target
                 with record_function("targets.kl"), precision():
                     kl_logits = ad.logits(final[view.kl_rows, view.kl_cols])
                 kl_logp = F.log_softmax(kl_logits.float(), -1)
-            tok_nll = -logp.gather(1, view.toks[:, None])[:, 0] * view.weight
-            k = len(view.live)
-            nll = torch.zeros(k, device=dev).index_add(0, view.req_of, tok_nll)  # [k] live requests
-            with record_function("targets.kl"):
-                kl = (view.kl_init.exp() * (view.kl_init - kl_logp)).sum(-1)  # KL(P_orig ‖ P_δ), [k]
+            if not fused:
+                tok_nll = -logp.gather(1, view.toks[:, None])[:, 0] * view.weight
+                k = len(view.live)
+                nll = torch.zeros(k, device=dev).index_add(0, view.req_of, tok_nll)  # [k] live requests
+                with record_function("targets.kl"):
+                    kl = (view.kl_init.exp() * (view.kl_init - kl_logp)).sum(-1)  # KL(P_orig ‖ P_δ), [k]
             wd = sum(cfg.weight_decay * d[view.live].norm(dim=-1) / hn[view.live] ** cfg.decay_power
                      for d, hn in zip(deltas, h_norms))
             loss = nll + cfg.kl_factor * kl + wd
