@@ -45,3 +45,9 @@ def target_setup(lm, method: str) -> tuple:
     hp = hparams_for(method, lm)
     templates = flat(Resources().templates(lm, hp.context_template_length_params))
     return hp, templates, hp.target_config()
+
+
+def stage_lines(head: str, stages: dict[str, float], ops: dict[str, float]) -> str:
+    """A profile for stderr: a head line, the stages that took time, the top operators."""
+    return (f"  {head}\n    stages (s, inclusive): " + ", ".join(f"{k} {v}" for k, v in stages.items() if v)
+            + "\n    top operators (self s): " + ", ".join(f"{k} {v}" for k, v in ops.items()) + "\n")

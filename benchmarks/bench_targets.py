@@ -29,7 +29,7 @@ import platform
 import sys
 import time
 
-from _bench import load, parser, target_setup
+from _bench import load, parser, stage_lines, target_setup
 
 SWITCHES = ("drop_stopped", "reuse_prefix", "one_projection", "cast_once")  # TargetConfig's speed switches; off = the path before them
 STAGES = ["targets.first_forward", "targets.upper_forward", "targets.projection", "targets.kl", "targets.backward"]
@@ -121,10 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("old", "new") if args.profile_n else ():
         few = reqs[:args.profile_n]
         p = out["profile"][name] = _profile(lambda c=cfgs[name]: compute_targets(lm, few, templates, c, batch_size=batch))
-        sys.stderr.write(f"  profile, {name} loop, {args.profile_n} requests: {p['total_s']} s in all (under the profiler)\n"
-                         "    stages (s, inclusive): " + ", ".join(f"{k.split('.')[1]} {v}" for k, v in p["stages_s"].items())
-                         + "\n    top operators (self s): " + ", ".join(f"{k} {v}" for k, v in p["top_ops_self_s"].items())
-                         + "\n")
+        sys.stderr.write(stage_lines(f"profile, {name} loop, {args.profile_n} requests: {p['total_s']} s in all "
+                                     "(under the profiler)", {k.split(".")[1]: v for k, v in p["stages_s"].items()},
+                                     p["top_ops_self_s"]))
         sys.stderr.flush()
     if args.json:
         print(json.dumps(out))

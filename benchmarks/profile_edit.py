@@ -31,7 +31,7 @@ import os
 import sys
 import time
 
-from _bench import load, parser
+from _bench import load, parser, stage_lines
 
 STAGES = ["edit", "edit.statistics", "targets", "targets.first_forward", "targets.upper_forward",
           "targets.projection", "targets.kl", "targets.backward", "edit.keys", "edit.residual", "edit.pullback",
@@ -90,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             "total_s": round(total, 2), "edit_s": round(result.outcome.seconds, 2),
             "stages_s": {k: round(stages.get(k, 0.0), 3) for k in STAGES},
             "top_ops_self_s": {e.key: round(e.self_cpu_time_total / 1e6, 2) for e in ops}}
-        sys.stderr.write(f"  {path}: {p['total_s']} s under the profiler (edit {p['edit_s']} s)\n    "
-                         + ", ".join(f"{k} {v}" for k, v in p["stages_s"].items() if v) + "\n    top operators (self s): "
-                         + ", ".join(f"{k} {v}" for k, v in p["top_ops_self_s"].items()) + "\n")
+        sys.stderr.write(stage_lines(f"{path}: {p['total_s']} s under the profiler (edit {p['edit_s']} s)",
+                                     p["stages_s"], p["top_ops_self_s"]))
         sys.stderr.flush()
     if args.json:
         print(json.dumps(out))

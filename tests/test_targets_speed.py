@@ -13,18 +13,23 @@ from fedit.testing import tiny_model
 from helpers import DARRIEUX, EIFFEL, FAST, JORDAN, resources
 
 
-def _rows_per_pass(lm, fn):
-    """Run ``fn`` and return the number of rows the top block got in each of its calls."""
+def _top_block_shapes(lm, fn, dim: int):
+    """Run ``fn`` and return dimension ``dim`` of what the top block got in each of its calls
+    (0: rows, 1: sequence length)."""
     seen = []
     top = list(lm.adapter.blocks())[-1]
     handle = top.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[0]),
+        lambda mod, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[dim]),
         with_kwargs=True)
     try:
         out = fn()
     finally:
         handle.remove()
     return out, seen
+
+
+def _rows_per_pass(lm, fn):
+    return _top_block_shapes(lm, fn, 0)
 
 
 @pytest.mark.parametrize("arch, stop, reuse", [("gpt2", 10.5, True), ("gemma3_text", 10.2, True),
@@ -70,17 +75,7 @@ def test_joint_site_targets_leave_the_batch_too(tiny_cache):
 
 
 def _seq_lengths(lm, fn):
-    """Run ``fn`` and return the sequence length the top block got in each of its calls."""
-    seen = []
-    top = list(lm.adapter.blocks())[-1]
-    handle = top.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
-        with_kwargs=True)
-    try:
-        out = fn()
-    finally:
-        handle.remove()
-    return out, seen
+    return _top_block_shapes(lm, fn, 1)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gptj", "gpt_neox", "llama", "gemma3_text"])
