@@ -77,6 +77,11 @@ def draw(batch: list[dict], seq: list[dict], path: Path) -> None:
     for ax, pts, x, title in ((axes[0], batch, "batch", "against batch size (one batch)"),
                               (axes[1], seq, "edits_so_far", "against edits so far (sequential batches)")):
         ax.set_title(title)
+        if not pts:
+            ax.text(0.5, 0.5, "no runs given", ha="center", va="center", transform=ax.transAxes, color="grey")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
         ax.set_xlabel("facts in the batch" if x == "batch" else "edits so far")
         ax.set_ylabel("seconds per fact")
         if x == "batch":
