@@ -92,6 +92,9 @@ def _allowed(mask: torch.Tensor | None, B: int, T: int, dev) -> torch.Tensor:
 
 def _suffix_mask(mask, B: int, T: int, shift: torch.Tensor, L: int, dev) -> torch.Tensor:
     """Mask for suffix queries over [full-row keys (T), suffix keys (L)], in the recorded form."""
+    if mask is not None:  # masks live where the model computed them (device_map: maybe elsewhere)
+        dev = mask.device
+        shift = shift.to(dev)
     allowed = _allowed(mask, B, T, dev)
     h = allowed.shape[1]
     i = torch.arange(L, device=dev)
@@ -117,6 +120,7 @@ def _suffix_mask(mask, B: int, T: int, shift: torch.Tensor, L: int, dev) -> torc
 def _gather_cols(x: torch.Tensor, q: torch.Tensor, B: int, T: int) -> torch.Tensor:
     """``x[b, q[b, i]]`` for a ``[1 or B, T, ...]`` tensor -> ``[B, L, ...]``."""
     x = x.expand(B, *x.shape[1:])
+    q = q.to(x.device)
     idx = q.reshape(B, -1, *([1] * (x.dim() - 2))).expand(B, q.shape[1], *x.shape[2:])
     return torch.gather(x, 1, idx)
 

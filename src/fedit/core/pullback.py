@@ -49,9 +49,12 @@ def pull_back(lm, requests: list[EditRequest], layer: int, last: int, want: torc
     cfg_m = getattr(lm.model, "config", None)
     plan = None
     if suffix and last > layer:
-        plan = prefix.plan(blocks, calls, layer + 1, h_l, batch.lookup, batch.attention_mask.sum(-1),
-                           getattr(cfg_m, "_attn_implementation", None), getattr(cfg_m, "sliding_window", None),
-                           end=last + 1)
+        try:
+            plan = prefix.plan(blocks, calls, layer + 1, h_l, batch.lookup, batch.attention_mask.sum(-1),
+                               getattr(cfg_m, "_attn_implementation", None), getattr(cfg_m, "sliding_window", None),
+                               end=last + 1)
+        except (RuntimeError, TypeError, ValueError, KeyError, IndexError):  # an unusual block: full prompts
+            plan = None
 
     def rel_error(delta: torch.Tensor) -> torch.Tensor:  # [n]
         if plan is not None:

@@ -224,9 +224,14 @@ def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: Target
         plan = None
         if cfg.reuse_prefix and cfg.reuse_lower:
             cfg_m = getattr(lm.model, "config", None)
-            with precision():
-                plan = prefix.plan(blocks, calls, start, start_input, lookup_t, mask.sum(-1),
-                                   getattr(cfg_m, "_attn_implementation", None), getattr(cfg_m, "sliding_window", None))
+            try:
+                with precision():
+                    plan = prefix.plan(blocks, calls, start, start_input, lookup_t, mask.sum(-1),
+                                       getattr(cfg_m, "_attn_implementation", None),
+                                       getattr(cfg_m, "sliding_window", None))
+            except (RuntimeError, TypeError, ValueError, KeyError, IndexError) as e:  # an unusual block: full rows
+                log.warning("suffix passes unavailable for this model (%s); running full rows", e)
+                plan = None
         if plan is not None:  # every later pass runs each row from its δ column on (see core.prefix)
             shift = plan.shift
             assert bool((cols >= shift[rows]).all()) and bool((kl_cols_t >= shift[kl_rows]).all())
