@@ -18,7 +18,8 @@ def test_speed_benchmark_runs_both_paths_and_compares_rates(tiny_model_dir, tmp_
     today = json.loads((out / "today" / "report.json").read_text())
     new = json.loads((out / "new" / "report.json").read_text())
     assert today["n"] == new["n"] == 3 and today["targets_from_cache"] == new["targets_from_cache"] == 0
-    assert set(res["seconds_per_fact"]) == {"today", "new"} and "speedup" in res
+    paths_timed = set(res["seconds_per_fact"])  # both paths reported; their figures are not compared
+    assert paths_timed == {"today", "new"} and "speedup" in res
     # float32 targets agree to float noise either way, so the edits measure the same
     assert res["rate_differences"] and all(abs(v) < 1e-6 for v in res["rate_differences"].values())
 
