@@ -15,7 +15,9 @@ quality are judged on the same records. Each run's report stays in ``--out``.
 
 ``--order new,today`` runs the new path first (the first run also pays for computing the
 second-moment statistics when they are not cached yet; run once beforehand, or compare the
-order both ways on a shared machine). Anything after ``--`` is passed to both runs.
+order both ways on a shared machine). Anything after ``--`` is passed to both runs; ``--new-set
+KEY=VALUE`` sets a hyperparameter of the new run only (a lever that changes z, such as
+``vocab_subset=1024``, whose quality the side-by-side rates then show).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def _run(name: str, args, extra: list[str], out: Path) -> dict:
         cmd += ["--target-precision", args.target_precision]
     if name == "today":
         cmd += ["--set", "speedups=false"]
+    else:
+        for kv in args.new_set:
+            cmd += ["--set", kv]
     cmd += extra
     sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[1:])}\n")
     t0 = time.perf_counter()
@@ -72,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="edits per batch (default: all in one)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--target-precision", default=None, choices=["float32", "bfloat16"])
+    ap.add_argument("--new-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a hyperparameter of the new run only (e.g. vocab_subset=1024); repeatable")
     ap.add_argument("--order", default="today,new", help="which path runs first (default today,new)")
     ap.add_argument("--out", default="bench-speed", help="folder for both runs' reports and speed.json")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -85,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     per_fact = {k: r["edit_seconds"] / r["n"] for k, r in reports.items()}
     rates = {k: _rates(r) for k, r in reports.items()}
     res = {"method": args.method, "n": args.n, "batch_size": args.batch_size, "threads": args.threads,
+           "new_set": args.new_set,
            "target_precision": args.target_precision or "float32", "order": order, "cpus": os.cpu_count(),
            "load_average": list(os.getloadavg()),
            "seconds_per_fact": {k: round(v, 3) for k, v in per_fact.items()},

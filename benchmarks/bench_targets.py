@@ -31,7 +31,7 @@ import time
 
 from _bench import load, parser, stage_lines, target_setup
 
-SWITCHES = ("drop_stopped", "reuse_prefix", "one_projection", "cast_once")  # TargetConfig's speed switches; off = the path before them
+from fedit.core.targets import SPEED_SWITCHES as SWITCHES  # off = the path before them
 STAGES = ["targets.first_forward", "targets.upper_forward", "targets.projection", "targets.kl", "targets.backward"]
 
 
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="target precision of both runs (default float32)")
     ap.add_argument("--new-precision", default=None, choices=["float32", "bfloat16"],
                     help="target precision of the 'new' run only (default: --precision)")
+    ap.add_argument("--new-set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a TargetConfig field of the 'new' run only, e.g. vocab_subset=1024 (repeatable)")
     args = ap.parse_args(argv)
 
     lm, records = load(args)
@@ -78,8 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     ac = {"float32": None, "bfloat16": "bfloat16"}
     base = dataclasses.replace(base, autocast=ac[args.precision])
     off = {k: False for k in SWITCHES} if args.lever == "all" else {args.lever: False}
+    new_set = {}
+    for kv in args.new_set:
+        k, _, v = kv.partition("=")
+        if k not in {f.name for f in dataclasses.fields(base)}:
+            ap.error(f"--new-set {kv}: {k!r} is not a TargetConfig field")
+        new_set[k] = json.loads(v)
     cfgs = {"old": dataclasses.replace(base, **off),
-            "new": dataclasses.replace(base, **{k: True for k in off}, autocast=ac[args.new_precision or args.precision])}
+            "new": dataclasses.replace(base, **{k: True for k in off}, autocast=ac[args.new_precision or args.precision],
+                                       **new_set)}
     compute_targets(lm, reqs[:1], templates, dataclasses.replace(base, steps=1))  # warm-up
     order = [("old", "new") if i % 2 == 0 else ("new", "old") for i in range(args.repeats)]
     results, seconds = {}, {"old": math.inf, "new": math.inf}
@@ -98,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps_limit": base.steps, "nll_stop": base.nll_stop, "templates": len(templates),
         "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
         "python": platform.python_version(), "repeats": args.repeats, "load_average": list(os.getloadavg()),
-        "configs": {k: {s: getattr(c, s) for s in (*SWITCHES, "autocast")} for k, c in cfgs.items()},
+        "configs": {k: {s: getattr(c, s) for s in (*SWITCHES, "autocast", "vocab_subset", "vocab_refresh")}
+                    for k, c in cfgs.items()},
         "seconds_per_request": {k: round(v / len(reqs), 3) for k, v in seconds.items()},
         "speedup": round(seconds["old"] / seconds["new"], 3),
         "mean_steps": round(sum(r.steps for r in new) / len(new), 2),

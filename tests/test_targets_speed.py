@@ -183,3 +183,86 @@ def test_fused_loss_gives_the_targets_of_the_full_log_softmax(tiny_cache):
     for x, y in zip(a, b):
         assert x.steps == y.steps and x.history == pytest.approx(y.history, rel=1e-4, abs=1e-5)
         assert torch.allclose(x.z, y.z, rtol=1e-3, atol=1e-4 * float(y.z.norm()))
+
+
+def test_math_attention_kernel_gives_the_same_targets(tiny_cache):
+    """math_attention (CPU): PyTorch's math kernel in the loop instead of flash attention; same z."""
+    lm = tiny_model("gemma3_text")
+    hp = hparams_for("memit", lm, {**FAST, "layers": [1, 2]})
+    templates = flat(resources(tiny_cache).templates(lm, hp.context_template_length_params))
+    cfg = hp.target_config()
+    assert cfg.math_attention  # a speed switch, on by default ...
+    assert not hparams_for("memit", lm, {**FAST, "layers": [1, 2], "speedups": False}).target_config().math_attention
+    reqs = [EIFFEL, JORDAN, DARRIEUX]
+    a = compute_targets(lm, reqs, templates, cfg, batch_size=3)
+    b = compute_targets(lm, reqs, templates, dataclasses.replace(cfg, math_attention=False), batch_size=3)
+    for x, y in zip(a, b):  # ... that changes no z
+        assert x.steps == y.steps and x.history == pytest.approx(y.history, rel=1e-4, abs=1e-5)
+        assert torch.allclose(x.z, y.z, rtol=1e-3, atol=1e-4 * float(y.z.norm()))
+
+
+def test_candidate_vocabulary_normaliser_is_exact_where_it_was_chosen():
+    """vocab_subset: candidates' logsumexp joined with the frozen tail is the full logsumexp at
+    the logits it was chosen from, and the target tokens are always candidates."""
+    from types import SimpleNamespace
+
+    from fedit.core.targets import _Candidates
+
+    torch.manual_seed(0)
+    V, N, k = 5000, 6, 2
+    logits = torch.randn(N + k, V) * 3
+    kl_init = torch.log_softmax(torch.randn(k, V) * 3, -1)
+    toks = torch.tensor([4999, 0, 17, 17, 2500, 3])  # ranks anywhere, repeated
+    view = SimpleNamespace(kl_init=kl_init, toks=toks)
+    c = _Candidates.choose(logits, view, 64, None)
+    assert 64 <= len(c.vocab) <= (N + 2 * k) * 64 + N and bool((c.vocab[1:] > c.vocab[:-1]).all())
+    assert torch.equal(c.vocab[c.tok_at], toks)
+    part = logits[:, c.vocab]
+    lse = torch.logaddexp(torch.logsumexp(part, -1), c.tail)
+    assert torch.allclose(lse, torch.logsumexp(logits, -1), atol=1e-5)
+    assert torch.allclose(c.logp0, kl_init[:, c.vocab])
+    every = _Candidates.choose(logits, view, V, None)  # every token a candidate: no tail at all
+    assert len(every.vocab) == V and bool(torch.isinf(every.tail).all())
+
+
+@pytest.mark.parametrize("method", ["memit", "rome"])
+def test_candidate_vocabulary_targets(method, tiny_cache):
+    """vocab_subset covering the vocabulary gives today's z; a small one a z near it that still
+    reaches lower NLL; refresh steps are exact."""
+    lm = tiny_model("gemma3_text")
+    V = lm.model.config.vocab_size
+    hp = hparams_for(method, lm, {**FAST, "layers": [1]})
+    templates = flat(resources(tiny_cache).templates(lm, hp.context_template_length_params))
+    cfg = hp.target_config()
+    assert cfg.vocab_subset == 0  # off unless the hyperparameters say so
+    reqs = [EIFFEL, JORDAN] if method == "memit" else [JORDAN]
+    full = compute_targets(lm, reqs, templates, cfg, batch_size=2)
+    same = compute_targets(lm, reqs, templates, dataclasses.replace(cfg, vocab_subset=V), batch_size=2)
+    for x, y in zip(same, full):
+        assert x.steps == y.steps and torch.allclose(x.z, y.z, rtol=1e-3, atol=1e-4 * float(y.z.norm()))
+    hp_sub = hparams_for(method, lm, {**FAST, "layers": [1], "vocab_subset": 256, "vocab_refresh": 3})
+    sub_cfg = hp_sub.target_config()
+    assert (sub_cfg.vocab_subset, sub_cfg.vocab_refresh) == (256, 3)
+    sub = compute_targets(lm, reqs, templates, sub_cfg, batch_size=2)
+    for x, y in zip(sub, full):
+        assert x.history[0] == pytest.approx(y.history[0], rel=1e-5)  # step 0 is exact
+        assert x.nll_end < x.nll_start
+        assert float((x.z - y.z).norm() / (y.z - y.h).norm()) < 0.5  # near today's δ on a random model
+
+
+def test_candidate_vocabulary_options_are_checked_and_keyed():
+    from fedit.core.targets import TargetConfig
+    from fedit.errors import HparamsError
+    from fedit.target_cache import _config_key
+
+    lm = tiny_model("gpt2")
+    with pytest.raises(HparamsError, match="vocab_subset"):
+        hparams_for("memit", lm, {"vocab_subset": -1})
+    with pytest.raises(HparamsError, match="vocab_refresh"):
+        hparams_for("rome", lm, {"vocab_refresh": 0})
+    base = TargetConfig(layer=1, site="block")
+    # off: the cache key is the one written before the option existed, whatever the refresh
+    assert "vocab_subset" not in _config_key(base)
+    assert _config_key(base) == _config_key(dataclasses.replace(base, vocab_refresh=9))
+    on = _config_key(dataclasses.replace(base, vocab_subset=1024))
+    assert on["vocab_subset"] == 1024 and on != _config_key(base)

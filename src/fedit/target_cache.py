@@ -62,6 +62,16 @@ def weights_digest(model: torch.nn.Module) -> str:
 SPEED_ONLY = (*SPEED_SWITCHES, "fused_loss")
 
 
+def _config_key(cfg) -> dict:
+    """The target configuration as the cache keys it: speed switches left out, and the
+    candidate-vocabulary settings only when they are on (keys written before they existed stay)."""
+    out = {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY}
+    if not out.get("vocab_subset"):
+        out.pop("vocab_subset", None)
+        out.pop("vocab_refresh", None)
+    return out
+
+
 class TargetCache:
     """Optimised targets under ``root`` (one ``.pt`` file per target), keyed as described above."""
 
@@ -80,7 +90,7 @@ class TargetCache:
     def keys(self, lm, requests, templates: list[str], cfg) -> list[str]:
         base = json.dumps({"format": FORMAT, "model": lm.identity()["fingerprint"],
                            "weights": weights_digest(lm.model),
-                           "config": {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY},
+                           "config": _config_key(cfg),
                            "templates": list(templates)}, sort_keys=True)
         out = []
         shapes = _target_shapes(lm, cfg)

@@ -19,6 +19,10 @@ With ``autocast`` ("bfloat16"/"float16") the forward and backward passes run und
 units (AMX) this is about 1.4x faster for MEMIT's targets on Gemma 3 270M, and z agrees with the
 float32 one to about 1 % (docs/benchmarks.md).
 
+With ``vocab_subset`` the steps between exact ones read only a candidate vocabulary (see
+:class:`_Candidates`): a quality lever, z moves slightly. ``math_attention`` runs the loop's
+attention on PyTorch's math kernel on CPU, whose flash-attention backward is slow at these shapes.
+
 A ``cache`` (any object with ``keys``/``get``/``put``, e.g. :class:`fedit.target_cache.TargetCache`)
 returns results already optimised for the same model weights, configuration, templates and
 request, and receives each new batch as soon as it is done, so an interrupted run resumes.
@@ -50,7 +54,7 @@ Site = Literal["w_out", "block", "attn"]
 # Switches that change how fast targets are found, not which: z is the same to float noise with
 # them on or off (tests/test_targets_speed.py). All off is the path before them ("today's path"
 # of benchmarks/bench_targets.py and bench_speed.py).
-SPEED_SWITCHES = ("drop_stopped", "reuse_prefix", "one_projection", "cast_once")
+SPEED_SWITCHES = ("drop_stopped", "reuse_prefix", "one_projection", "cast_once", "math_attention")
 
 
 def speed_switches(on: bool) -> dict[str, bool]:
@@ -77,13 +81,26 @@ class TargetConfig:
     reuse_prefix: bool = True  # upper blocks run only the columns δ reaches (needs reuse_lower)
     one_projection: bool = True  # target and KL positions unembedded together
     cast_once: bool = True  # autocast: upper matrices and the unembedding cast once per batch, not per call
+    # on CPU, attention in the loop by PyTorch's "math" kernel: the default (flash attention) has a
+    # slow backward at the loop's few-query shapes; other devices keep their default kernel
+    math_attention: bool = True
     # NLL and KL over the vocabulary in chunks (core.lse): no [N, V] float32 logits, which saves
     # memory, but measured no faster on this CPU (docs/benchmarks.md), so off by default
     fused_loss: bool = False
+    # Between exact steps, the loss reads only a candidate vocabulary: the top ``vocab_subset``
+    # tokens of every loss position and of every unedited KL distribution, plus the target tokens,
+    # with the rest of the softmax's normaliser frozen at its value of the last exact step. Every
+    # ``vocab_refresh``-th step (and every step whose batch just shrank) is exact and chooses the
+    # candidates anew. Changes z a little (a quality lever, not a speed switch); 0: off.
+    vocab_subset: int = 0
+    vocab_refresh: int = 5
 
     def __post_init__(self):
         if self.autocast not in (None, "bfloat16", "float16"):
             raise ValueError(f"autocast must be None, 'bfloat16' or 'float16', got {self.autocast!r}")
+        if self.vocab_subset < 0 or self.vocab_refresh < 1:
+            raise ValueError(f"vocab_subset must be >= 0 and vocab_refresh >= 1, got {self.vocab_subset}, "
+                             f"{self.vocab_refresh}")
 
 
 @dataclass
@@ -280,8 +297,10 @@ def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: Target
         full = _Rows(ids, mask, start_input, calls, onehot, owner, rows, cols, toks, weight, req_of, kl_rows,
                      kl_cols_t, kl_init, torch.arange(n, device=dev), plan.kv if plan is not None else None)
         view = full
+        sub: _Candidates | None = None
+        exact = True
         for it in range(cfg.steps + 1):
-            with precision():
+            with precision(), _kernel(cfg.math_attention and dev.type == "cpu"):
                 with record_function("targets.upper_forward"):
                     final = forward_final(view)
             if fused:  # NLL and KL straight from the hidden states, the vocabulary in chunks (core.lse)
@@ -295,11 +314,28 @@ def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: Target
                 nll = torch.zeros(k, device=dev).index_add(0, view.req_of, tok_nll)  # [k] live requests
                 kl = ce[len(view.rows):] + (p0 * view.kl_init).sum(-1)  # cross-entropy − entropy of P_orig
             elif cfg.one_projection:  # target and KL positions in one product with the unembedding
-                with record_function("targets.projection"), precision():
-                    both = unembed(final[torch.cat([view.rows, view.kl_rows]), torch.cat([view.cols, view.kl_cols])])
-                with record_function("targets.projection"):
-                    both = F.log_softmax(both.float(), -1)
-                logp, kl_logp = both[:len(view.rows)], both[len(view.rows):]
+                h_pos = final[torch.cat([view.rows, view.kl_rows]), torch.cat([view.cols, view.kl_cols])]
+                exact = not cfg.vocab_subset or sub is None or sub.view is not view or it % cfg.vocab_refresh == 0
+                if exact:
+                    with record_function("targets.projection"), precision():
+                        both = unembed(h_pos)
+                    with record_function("targets.projection"):
+                        if cfg.vocab_subset:
+                            sub = _Candidates.choose(both.detach().float(), view, cfg.vocab_subset, w_loss)
+                        both = F.log_softmax(both.float(), -1)
+                    logp, kl_logp = both[:len(view.rows)], both[len(view.rows):]
+                else:  # the candidates only, the rest of the normaliser as it was at the last exact step
+                    with record_function("targets.projection"), precision():
+                        part = ad.logits(h_pos, weight=sub.weight, vocab=sub.vocab)
+                    with record_function("targets.projection"):
+                        part = part.float()
+                        part = part - torch.logaddexp(torch.logsumexp(part, -1), sub.tail)[:, None]
+                    nr = len(view.rows)
+                    tok_nll = -part[:nr].gather(1, sub.tok_at[:, None])[:, 0] * view.weight
+                    k = len(view.live)
+                    nll = torch.zeros(k, device=dev).index_add(0, view.req_of, tok_nll)
+                    with record_function("targets.kl"):
+                        kl = (sub.p0 * (sub.logp0 - part[nr:])).sum(-1)
             else:
                 with record_function("targets.projection"), precision():
                     logits = ad.logits(final[view.rows, view.cols])
@@ -308,7 +344,7 @@ def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: Target
                 with record_function("targets.kl"), precision():
                     kl_logits = ad.logits(final[view.kl_rows, view.kl_cols])
                 kl_logp = F.log_softmax(kl_logits.float(), -1)
-            if not fused:
+            if not fused and (not cfg.one_projection or exact):
                 tok_nll = -logp.gather(1, view.toks[:, None])[:, 0] * view.weight
                 k = len(view.live)
                 nll = torch.zeros(k, device=dev).index_add(0, view.req_of, tok_nll)  # [k] live requests
@@ -329,7 +365,7 @@ def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: Target
                 break
             frozen = [d.detach().clone() for d in deltas]
             opt.zero_grad()
-            with record_function("targets.backward"):
+            with record_function("targets.backward"), _kernel(cfg.math_attention and dev.type == "cpu"):
                 (loss * active[view.live]).sum().backward()
             opt.step()
             steps += active.cpu().long()
@@ -347,6 +383,42 @@ def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: Target
     return [TargetResult(z=zs[0][i], h=hs[0][i], nll_start=history[i][0], nll_end=history[i][-1], steps=int(steps[i]),
                          seconds=seconds, history=history[i], joint_z=zs[1][i] if j else None,
                          joint_h=hs[1][i] if j else None) for i in range(n)]
+
+
+@dataclass
+class _Candidates:
+    """The candidate vocabulary of :attr:`TargetConfig.vocab_subset` for one view of a batch."""
+
+    view: object  # the _Rows these were chosen for
+    vocab: torch.Tensor  # [U] token ids, sorted
+    weight: torch.Tensor | None  # their rows of the cast unembedding (None: taken from the model)
+    tail: torch.Tensor  # [N + k] log Σ exp(logits) over the tokens not in ``vocab``, frozen
+    tok_at: torch.Tensor  # [N] index in ``vocab`` of each target position's token
+    p0: torch.Tensor  # [k, U] the unedited KL distributions at the candidates
+    logp0: torch.Tensor  # [k, U]
+
+    @staticmethod
+    def choose(logits: torch.Tensor, view, k: int, w_full: torch.Tensor | None) -> "_Candidates":
+        """From exact logits [N + k, V] (target positions, then KL positions) of ``view``."""
+        V = logits.shape[-1]
+        k = min(k, V)
+        parts = [logits.topk(k, -1).indices.flatten(), view.kl_init.topk(k, -1).indices.flatten(), view.toks]
+        vocab = torch.unique(torch.cat(parts))  # sorted
+        out = torch.ones(V, dtype=torch.bool, device=logits.device)
+        out[vocab] = False
+        tail = torch.logsumexp(logits[:, out], -1) if bool(out.any()) else \
+            torch.full((logits.shape[0],), -torch.inf, device=logits.device)
+        tok_at = torch.searchsorted(vocab, view.toks)
+        logp0 = view.kl_init[:, vocab]
+        return _Candidates(view, vocab, None if w_full is None else w_full[vocab], tail, tok_at, logp0.exp(), logp0)
+
+
+def _kernel(math: bool):
+    """A context choosing PyTorch's "math" attention kernel, or nothing."""
+    if not math:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 @contextmanager

@@ -36,6 +36,11 @@ class RomeHparams:
     # speed-ups, the path benchmarks/bench_speed.py compares against; the same numbers to
     # float noise either way
     speedups: bool = True
+    # > 0: between exact steps the target loss reads only this many candidate tokens per position
+    # (and the target tokens), the rest of the softmax's normaliser frozen; exact every
+    # vocab_refresh steps (core.targets.TargetConfig.vocab_subset). Changes z slightly; 0: off
+    vocab_subset: int = 0
+    vocab_refresh: int = 5
     mom2_adjustment: bool = True
     mom2_samples: int = 1000
     mom2_seq_len: int = 128
@@ -46,6 +51,9 @@ class RomeHparams:
             raise HparamsError(f"ROME edits exactly one layer, got layers={self.layers}.",
                                "pass one layer (--layers 5) or use MEMIT for several.")
         autocast_for(self.target_precision)  # validates
+        if self.vocab_subset < 0 or self.vocab_refresh < 1:
+            raise HparamsError(f"vocab_subset must be ≥ 0 and vocab_refresh ≥ 1, got {self.vocab_subset}, "
+                               f"{self.vocab_refresh}.", "use e.g. vocab_subset 1024, vocab_refresh 5 (0: off).")
         if self.v_num_grad_steps < 0 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
             raise HparamsError("v_num_grad_steps must be ≥ 0 and v_lr, clamp_norm_factor > 0.",
                                "fix the values in the hyperparameter file.")
@@ -54,7 +62,8 @@ class RomeHparams:
         return TargetConfig(layer=self.layers[0], site="w_out", steps=self.v_num_grad_steps, lr=self.v_lr,
                             clamp=self.clamp_norm_factor, kl_factor=self.kl_factor,
                             weight_decay=self.v_weight_decay, nll_stop=self.nll_stop,
-                            autocast=autocast_for(self.target_precision), **speed_switches(self.speedups))
+                            autocast=autocast_for(self.target_precision), vocab_subset=self.vocab_subset,
+                            vocab_refresh=self.vocab_refresh, **speed_switches(self.speedups))
 
 
 def compute_rome(lm, requests: list[EditRequest], hp: RomeHparams, res: Resources) -> EditOutcome:

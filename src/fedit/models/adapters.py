@@ -177,16 +177,23 @@ class ModelAdapter:
                    else self.model.config.n_embd)
 
     # --- logits at chosen positions ---------------------------------------------------
-    def logits(self, final_hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, final_hidden: torch.Tensor, weight: torch.Tensor | None = None,
+               vocab: torch.Tensor | None = None) -> torch.Tensor:
         """Unembed hidden states that have passed the final norm ([..., d_model] -> [..., vocab]).
 
         ``weight``: a copy of the unembedding matrix to use instead (e.g. one already cast to
         the precision of an autocast region, so it is not cast again on every call).
+        ``vocab``: token ids; only their logits are formed ([..., len(vocab)]), with ``weight``
+        (if given) already holding just those rows.
         """
-        if weight is None:
+        if weight is None and vocab is None:
             logits = self.unembed()(final_hidden)
         else:
             bias = getattr(self.unembed(), "bias", None)
+            if weight is None:
+                weight = self.unembed().weight[vocab]
+            if bias is not None and vocab is not None:
+                bias = bias[vocab]
             logits = torch.nn.functional.linear(final_hidden.to(weight.dtype), weight,
                                                 None if bias is None else bias.to(weight.dtype))
         cap = getattr(self.model.config, "final_logit_softcapping", None)
