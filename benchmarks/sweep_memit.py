@@ -1,4 +1,4 @@
-"""Sweep the edited layers, λ and any other hyperparameter of MEMIT, PMET or AlphaEdit.
+"""Sweep the edited layers, λ and any other hyperparameter of MEMIT, PMET, AlphaEdit or ROME.
 
     python benchmarks/sweep_memit.py --n 50 --layers 3-6,4-7,5-8 --lambdas 300,1000,3000 \\
         --target-precision bfloat16 --target-cache ~/.cache/fedit/targets --out out/sweep
@@ -6,7 +6,12 @@
         --set nullspace_threshold=0.02,0.1 --set alpha=10,1 --target-cache ~/.cache/fedit/targets --out out/sweep-ae
 
 ``--set KEY=V1,V2`` adds a hyperparameter to the grid (values as JSON: numbers, true/false);
-AlphaEdit does not use λ (mom2_update_weight), so its grid has no λ axis.
+AlphaEdit does not use λ (mom2_update_weight), so its grid has no λ axis. ROME has none either and
+edits one layer (``--layers 5,4``: one point per layer); its points edit each record alone, as its
+paper does (edit, measure, revert, next record):
+
+    python benchmarks/sweep_memit.py --method rome --skip 100 --n 50 --layers 5 \
+        --set kl_factor=0.0625,1 --set clamp_norm_factor=4,1 --target-precision bfloat16 --out out/sweep-rome
 
 The unedited model is measured once (kept in <cache>/measurements, so a rerun, or `fedit eval
 --fluency-n 0` on the same records, reuses it). Then, for every (layers, λ), the records are edited in one
@@ -79,7 +84,8 @@ def _markdown(doc: dict) -> str:
     method = doc["setup"].get("method", "memit")
     skip = doc["setup"].get("skip", 0)
     which = f"records {skip}–{skip + doc['n'] - 1}" if skip else f"{doc['n']} records"
-    lines = [f"# {method} sweep: {doc['model']}, {dataset}, {which}, one batch", "",
+    how = "each record edited alone" if method == "rome" else "one batch"
+    lines = [f"# {method} sweep: {doc['model']}, {dataset}, {which}, {how}", "",
              "Unedited: " + ", ".join(f"{k} {100 * doc['pre'][k]:.1f}" for k in keys if k in doc["pre"]), "",
              "| layers | λ | " + "".join(f"{k} | " for k in extra) + " | ".join(keys)
              + " | mean residual left | step scales | s |",
@@ -95,7 +101,7 @@ def _markdown(doc: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", default="memit", choices=["memit", "pmet", "alphaedit"])
+    ap.add_argument("--method", default="memit", choices=["memit", "pmet", "alphaedit", "rome"])
     ap.add_argument("--dataset", default="counterfact", choices=["counterfact", "zsre"])
     ap.add_argument("--data", default=None, help="dataset file (default: the sample shipped with fedit)")
     ap.add_argument("--n", type=int, default=50)
@@ -120,7 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: AlphaEdit does not use λ (mom2_update_weight); sweep its ridge with --set alpha=10,1",
               file=sys.stderr)
         return 2
-    lambdas = [None] if args.method == "alphaedit" else [float(x) for x in (args.lambdas or "300,1000,3000").split(",")]
+    if args.method == "rome" and (args.lambdas or any(len(ls) != 1 for ls in _layer_sets(args.layers))):
+        print("error: ROME has no λ and edits one layer; pass single layers (--layers 5 or --layers 4,5)",
+              file=sys.stderr)
+        return 2
+    no_lambda = args.method in ("alphaedit", "rome")
+    lambdas = [None] if no_lambda else [float(x) for x in (args.lambdas or "300,1000,3000").split(",")]
     try:
         extra = _grid_values(args.set)
     except ValueError as e:
@@ -192,23 +203,31 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {"layers": layers, "target_precision": args.target_precision, **st}
         if lam is not None:
             overrides["mom2_update_weight"] = lam
-        try:
-            # dataset records as the dataset gives them, as `fedit eval` edits them (zsRE has
-            # records whose new answer is the old one)
-            result = fedit.edit(lm, [r.request for r in records], method=args.method, overrides=overrides,
-                                 hparams_file=args.hparams, resources=res, check=False)
-        except FeditError as e:  # e.g. a key the method does not have: nothing measured yet
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raw = measure(lm, records)
-        result.applied.revert()
+        # ROME: each record alone (edit, measure, revert); the others: all records in one batch
+        batches = [[r] for r in records] if args.method == "rome" else [records]
+        raw, results = [], []
+        for batch in batches:
+            try:
+                # dataset records as the dataset gives them, as `fedit eval` edits them (zsRE has
+                # records whose new answer is the old one)
+                result = fedit.edit(lm, [r.request for r in batch], method=args.method, overrides=overrides,
+                                     hparams_file=args.hparams, resources=res, check=False)
+            except FeditError as e:  # e.g. a key the method does not have: nothing measured yet
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            try:
+                raw += measure(lm, batch)
+            finally:
+                result.applied.revert()
+            results.append(result)
+        result = results[-1]
         norms = result.outcome.diagnostics.get("residual_norms") or [1.0]
         point = {"layers": layers, "lambda": lam, **({"set": st} if st else {}),
                  "metrics": aggregate([record_metrics(r, p, args.dataset) for r, p in zip(raw, raw_pre)]),
                  "residual_left": norms[-1] / norms[0] if norms[0] else 0.0,
                  # 0 for a layer whose update backtracking rejected (it wrote nothing)
                  "step_scales": result.outcome.diagnostics.get("step_scales"),
-                 "targets_from_cache": sum(bool(t.get("cached")) for t in result.outcome.targets),
+                 "targets_from_cache": sum(bool(t.get("cached")) for x in results for t in x.outcome.targets),
                  "seconds": time.perf_counter() - t0}
         doc["points"].append(point)
         tmp = path.with_suffix(".tmp")

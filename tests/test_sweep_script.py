@@ -92,3 +92,26 @@ def test_sweep_on_a_tuning_split(tiny_model_dir, tmp_path):
     assert first["points"][0]["targets_from_cache"] == 0
     assert "records 2–3" in (tmp_path / "tune" / "sweep.md").read_text()
     assert sweep.main([*common, "--out", str(tmp_path / "tune")]) == 2  # no --skip: another setup
+
+
+def test_sweep_of_rome_edits_each_record_alone(tiny_model_dir, tmp_path, capsys):
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps(FAST))
+    common = ["--model", str(tiny_model_dir), "--hparams", str(hp), "--corpus", str(CORPUS), "--cache-dir",
+              str(tmp_path / "cache"), "--target-cache", str(tmp_path / "targets"), "--n", "2",
+              "--out", str(tmp_path / "out"), "--method", "rome"]
+    sweep = load_script("sweep_memit")
+    # no λ, one layer per point: refused before anything is written
+    assert sweep.main([*common, "--layers", "1", "--lambdas", "10"]) == 2 and "one layer" in capsys.readouterr().err
+    assert sweep.main([*common, "--layers", "1-2"]) == 2
+    assert not (tmp_path / "out" / "sweep.json").exists()
+    assert sweep.main([*common, "--layers", "1,2", "--set", "kl_factor=0.0625,1"]) == 0
+    doc = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert doc["setup"]["method"] == "rome" and len(doc["points"]) == 4
+    for p in doc["points"]:
+        assert p["lambda"] is None and len(p["layers"]) == 1 and 0.0 <= p["metrics"]["score"] <= 1.0
+    # one v* per record and point: none of a point's targets came from another point's cache
+    # (layer or KL weight differ), but a rerun of a point would take both
+    assert all(p["targets_from_cache"] == 0 for p in doc["points"])
+    assert (tmp_path / "out" / "sweep.md").read_text().startswith("# rome sweep") and \
+        "each record edited alone" in (tmp_path / "out" / "sweep.md").read_text()
