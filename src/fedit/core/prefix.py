@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -195,6 +196,18 @@ def plan(blocks, calls, start: int, start_input: torch.Tensor, shift: torch.Tens
         return None
     hidden = _gather_cols(start_input, q, B, T)
     return SuffixPlan(hidden, named_all, cache_args, rec.kv, shift, L, end)
+
+
+def math_kernel(on: bool):
+    """A context running attention on PyTorch's "math" kernel (``on``), or nothing.
+
+    On CPU the default kernel for these passes is flash attention, whose backward costs ~12x
+    its forward at a few queries over a few dozen keys; the math kernel gives the same numbers
+    (float noise) several times cheaper there. Callers turn it on for CPU only."""
+    if not on:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def run(blocks, p: SuffixPlan, start: int, hidden: torch.Tensor, named: list, kv: dict) -> torch.Tensor:

@@ -75,9 +75,11 @@ def pull_back(lm, requests: list[EditRequest], layer: int, last: int, want: torc
     u = torch.zeros_like(start, requires_grad=True)
     opt = torch.optim.Adam([u], lr=lr_scale)
     best, best_err, err0 = start.clone(), None, None
+    math = suffix and lm.device.type == "cpu"  # the math attention kernel, as the target loop's speed-ups
     for it in range(steps + 1):
         delta = start + s * u
-        err = rel_error(delta)
+        with prefix.math_kernel(math):
+            err = rel_error(delta)
         e = err.detach()
         if best_err is None:
             err0, best_err = float(e.mean()), e.clone()
@@ -87,6 +89,7 @@ def pull_back(lm, requests: list[EditRequest], layer: int, last: int, want: torc
         if it == steps:
             break
         opt.zero_grad()
-        err.pow(2).sum().backward()
+        with prefix.math_kernel(math):
+            err.pow(2).sum().backward()
         opt.step()
     return best, err0, float(best_err.mean())

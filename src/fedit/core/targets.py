@@ -300,7 +300,7 @@ def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: Target
         sub: _Candidates | None = None
         exact = True
         for it in range(cfg.steps + 1):
-            with precision(), _kernel(cfg.math_attention and dev.type == "cpu"):
+            with precision(), prefix.math_kernel(cfg.math_attention and dev.type == "cpu"):
                 with record_function("targets.upper_forward"):
                     final = forward_final(view)
             if fused:  # NLL and KL straight from the hidden states, the vocabulary in chunks (core.lse)
@@ -365,7 +365,7 @@ def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: Target
                 break
             frozen = [d.detach().clone() for d in deltas]
             opt.zero_grad()
-            with record_function("targets.backward"), _kernel(cfg.math_attention and dev.type == "cpu"):
+            with record_function("targets.backward"), prefix.math_kernel(cfg.math_attention and dev.type == "cpu"):
                 (loss * active[view.live]).sum().backward()
             opt.step()
             steps += active.cpu().long()
@@ -411,14 +411,6 @@ class _Candidates:
         tok_at = torch.searchsorted(vocab, view.toks)
         logp0 = view.kl_init[:, vocab]
         return _Candidates(view, vocab, None if w_full is None else w_full[vocab], tail, tok_at, logp0.exp(), logp0)
-
-
-def _kernel(math: bool):
-    """A context choosing PyTorch's "math" attention kernel, or nothing."""
-    if not math:
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 @contextmanager
