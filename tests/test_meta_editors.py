@@ -58,6 +58,19 @@ def test_train_checkpoints_and_resume_gives_the_uninterrupted_result(tmp_path, t
     assert [h["validation"] for h in resumed["history"]] == [h["validation"] for h in full["history"]]
 
 
+def test_resume_without_a_checkpoint_is_refused_before_loading_anything(tmp_path, capsys, monkeypatch):
+    """--resume on a folder with no run: named at once, before the data or the model are read
+    (a SERAC run used to build its whole training set first)."""
+    import fedit.data.loaders as loaders
+
+    def boom(*a, **k):
+        raise AssertionError("loaded the data before checking --resume")
+
+    monkeypatch.setattr(loaders, "load_records", boom)
+    code, err = _train(capsys, tmp_path / "no-model", tmp_path / "empty", _hp_file(tmp_path, "mend"), 3, resume=True)
+    assert code == 2 and "no checkpoint" in err["error"] and "without --resume" in err["fix"]
+
+
 def test_resume_refuses_other_settings(tmp_path, tiny_model_dir, capsys):
     _train(capsys, tiny_model_dir, tmp_path / "run", _hp_file(tmp_path, "mend"), 3)
     code, err = _train(capsys, tiny_model_dir, tmp_path / "run", _hp_file(tmp_path, "mend", {"cedit": 0.5}), 6,

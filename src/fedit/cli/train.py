@@ -51,7 +51,9 @@ def run(args) -> int:
     from fedit.data.loaders import load_records
     from fedit.training import train_editor
     from fedit.training.data import file_info
+    from fedit.training.loop import check_resume
 
+    check_resume(args.out, args.resume)  # before the data, the model and the trainer are loaded
     records = load_records(_kind(args.dataset, args.data), args.data, args.n, skip_invalid=True)  # logged
     lm = common.load(args)
     from tqdm.auto import tqdm

@@ -44,6 +44,22 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted((folder / "checkpoints").glob("step-*.pt"))
 
 
+def check_resume(out: str | os.PathLike, resume: bool) -> list[Path]:
+    """The checkpoints in ``out``; refuses a resume without any and a fresh run over some.
+
+    Cheap: callers run it before building a trainer (loading data, encoding a memory), so a
+    wrong flag is named before any work."""
+    out = Path(out)
+    found = _checkpoints(out)
+    if found and not resume:
+        raise FeditError(f"{out} holds checkpoints of an earlier training run.",
+                         "pass --resume to continue it, or use another --out folder.")
+    if resume and not found:
+        raise FeditError(f"--resume: no checkpoint in {out / 'checkpoints'}.",
+                         "start the run without --resume, or give the --out folder of the interrupted run.")
+    return found
+
+
 def train_loop(trainer: Trainer, out: str | os.PathLike, max_steps: int, checkpoint_every: int,
                signature: dict[str, Any], resume: bool = False,
                progress: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
@@ -54,15 +70,9 @@ def train_loop(trainer: Trainer, out: str | os.PathLike, max_steps: int, checkpo
     ``progress(steps_done, last_stats)`` is called after every step (and once on resume).
     """
     out = Path(out)
-    found = _checkpoints(out)
+    found = check_resume(out, resume)
     start, history, seconds = 0, [], 0.0
-    if found and not resume:
-        raise FeditError(f"{out} holds checkpoints of an earlier training run.",
-                         "pass --resume to continue it, or use another --out folder.")
     if resume:
-        if not found:
-            raise FeditError(f"--resume: no checkpoint in {out / 'checkpoints'}.",
-                             "start the run without --resume, or give the --out folder of the interrupted run.")
         ck = torch.load(found[-1], map_location="cpu", weights_only=False)
         if ck["signature"] != signature:
             diff = sorted(k for k in set(ck["signature"]) | set(signature)
