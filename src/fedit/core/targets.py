@@ -391,7 +391,7 @@ class _Candidates:
 
     view: object  # the _Rows these were chosen for
     vocab: torch.Tensor  # [U] token ids, sorted
-    weight: torch.Tensor | None  # their rows of the cast unembedding (None: taken from the model)
+    weight: torch.Tensor | None  # their rows of the loop's unembedding (None only in unit tests)
     tail: torch.Tensor  # [N + k] log Σ exp(logits) over the tokens not in ``vocab``, frozen
     tok_at: torch.Tensor  # [N] index in ``vocab`` of each target position's token
     p0: torch.Tensor  # [k, U] the unedited KL distributions at the candidates
