@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,6 @@ STRONG = {**FAST, "v_lr": 1.0, "v_num_grad_steps": 25, "clamp_norm_factor": 8.0,
 
 
 def _records():
-    from dataclasses import replace
     jordan = replace(JORDAN, target_true="basketball")
     darrieux = replace(DARRIEUX, target_true="French")
     return [
@@ -359,3 +359,33 @@ def test_zsre_fluency_generates_from_the_edited_prompt(tmp_path):
                       overrides={**FAST, "layers": [1, 2]}, resources=resources(str(tmp_path / "c")))
     assert "fluency" in report["metrics"] and "fluency" in report["metrics_pre"]
     assert [g["prompt"] for g in report["generations"]] == [r.request.filled_prompt for r in records]
+
+
+def test_sequential_eval_measures_every_kth_batch_and_resumes_with_it(tmp_path):
+    from fedit.data.loaders import load_records
+
+    lm = tiny_model("gpt2")
+    records = load_records("counterfact", n=5)
+    cfg = EvalConfig(method="memit", batch_size=1, sequential=True, fluency_records=0, track_every=2)
+    kw = dict(overrides={**FAST, "layers": [1, 2]}, resources=resources(str(tmp_path / "c")))
+    report = evaluate(lm, records, cfg, **kw)
+    # the unedited row, after batches 2 and 4, and the final measure after batch 5
+    assert [r["batch"] for r in report["per_batch"]] == [0, 2, 4, 5]
+    assert [r["edits"] for r in report["per_batch"]] == [0, 2, 4, 5]
+    assert [c["batch"] for c in report["batch_costs"]] == [1, 2, 3, 4, 5]  # every batch's cost still recorded
+    # stopped after 3 batches and resumed: the same curve; a run asking for K=1 refuses the checkpoint
+    from fedit.evaluate.checkpoint import CheckpointError
+
+    ck, seen = tmp_path / "out" / "checkpoint", []
+
+    def stop_after_three(n):
+        seen.append(n)
+        if len(seen) == 3:
+            raise _Stop
+    with pytest.raises(_Stop):
+        evaluate(lm, records, cfg, progress=stop_after_three, checkpoint_dir=ck, **kw)
+    with pytest.raises(CheckpointError):
+        evaluate(lm, records, replace(cfg, track_every=1), checkpoint_dir=ck, resume=True, **kw)
+    resumed = evaluate(lm, records, cfg, checkpoint_dir=ck, resume=True, **kw)
+    assert [r["batch"] for r in resumed["per_batch"]] == [0, 2, 4, 5]
+    assert resumed["metrics"]["efficacy_success"] == pytest.approx(report["metrics"]["efficacy_success"])

@@ -39,11 +39,14 @@ class CheckpointError(FeditError):
 def signature(lm, records, cfg, overrides: dict | None, hparams_file) -> dict[str, Any]:
     ids = hashlib.sha256(json.dumps([[r.case_id, r.request.prompt, r.request.subject, r.request.target_new]
                                      for r in records], default=str).encode()).hexdigest()[:16]
-    return {"version": VERSION, "model": lm.identity()["fingerprint"], "method": cfg.method, "dataset": cfg.dataset,
-            "n": len(records), "records": ids, "batch_size": cfg.batch_size, "fluency_records": cfg.fluency_records,
-            "track_batches": cfg.track_batches, "seed": cfg.seed,
-            "overrides": {k: v for k, v in (overrides or {}).items() if v is not None},
-            "hparams_file": str(hparams_file) if hparams_file else None}
+    sig = {"version": VERSION, "model": lm.identity()["fingerprint"], "method": cfg.method, "dataset": cfg.dataset,
+           "n": len(records), "records": ids, "batch_size": cfg.batch_size, "fluency_records": cfg.fluency_records,
+           "track_batches": cfg.track_batches, "seed": cfg.seed,
+           "overrides": {k: v for k, v in (overrides or {}).items() if v is not None},
+           "hparams_file": str(hparams_file) if hparams_file else None}
+    if cfg.track_every != 1:  # only when set, so that checkpoints written before it still resume
+        sig["track_every"] = cfg.track_every
+    return sig
 
 
 def _atomic(path: Path, write) -> None:

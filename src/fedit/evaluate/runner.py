@@ -69,6 +69,7 @@ class EvalConfig:
     # Sequential only: measure the records edited so far (and fluency) after every batch, for
     # the curve of a long sequence (report["per_batch"]); False measures once, at the end.
     track_batches: bool = True
+    track_every: int = 1  # with track_batches: measure after every track_every-th batch only
     gen_tokens: int = 100
     seed: int = 0
     # generation_success (evaluate.generation): greedy continuations of each rewrite, paraphrase
@@ -360,7 +361,8 @@ def _edit_in_sequence(lm, records: list[EvalRecord], cfg: EvalConfig, batches: l
         run.done.extend(b)
         run.touched |= set(touched)
         run.batches_done = bi + 1
-        if cfg.track_batches and len(batches) > 1 and bi < len(batches) - 1:  # the last: the final measure
+        if (cfg.track_batches and len(batches) > 1 and bi < len(batches) - 1  # the last: the final measure
+                and (bi + 1) % max(1, cfg.track_every) == 0):
             run.per_batch.append(_measure_so_far(lm, records, run.done, run.raw_pre, flu_idx, cfg, bi + 1,
                                                  run.edit_seconds, [len(x) for x in batches[:bi + 1]]))
         if ckpt is not None:
