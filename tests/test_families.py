@@ -215,3 +215,50 @@ def test_grace_reediting_the_same_prompt_takes_the_newest_target(tiny_cache):
     assert describe(lm, EIFFEL.filled_prompt, "London")["top_token"] == " London"
     for r in reversed(res):
         r.applied.revert()
+
+
+def test_tail_candidate_vocabulary_is_exact_where_chosen_and_close_between(tiny_cache):
+    """Tail(vocab_subset=k): every vocab_refresh-th nll() is the full log-softmax; the calls in
+    between read the candidates with the rest of the normaliser frozen, so on the same hidden
+    states they give the same number, and a covering subset gives the full one every time."""
+    from fedit.methods.hparams import check_vocab_subset
+    from fedit.methods.tail import Tail, target_rows
+
+    lm = tiny_model("gpt2")
+    V = lm.model.config.vocab_size
+    rows = target_rows(lm.tokenizer, [EIFFEL.filled_prompt, JORDAN.filled_prompt], [" Rome", " tennis"])
+    full = Tail(lm, rows, 1).nll()
+    sub = Tail(lm, rows, 1, vocab_subset=32, vocab_refresh=3)
+    vals = [sub.nll() for _ in range(4)]  # exact, subset, subset, exact
+    assert sub.calls_made == 4 and len(sub._sub[0]) < V
+    for v in vals:
+        assert torch.allclose(v, full, atol=1e-5)
+    # a changed hidden state: the subset call moves the target's log-probability as the full one does,
+    # up to the frozen tokens outside the candidates
+    final = Tail(lm, rows, 1).final() * 1.05
+    sub2 = Tail(lm, rows, 1, vocab_subset=32, vocab_refresh=3)
+    sub2.nll()
+    assert torch.allclose(sub2.nll(final), Tail(lm, rows, 1).nll(final), atol=0.05)
+    every = Tail(lm, rows, 1, vocab_subset=V, vocab_refresh=2)
+    every.nll()
+    assert torch.allclose(every.nll(final), Tail(lm, rows, 1).nll(final), atol=1e-5)
+    with pytest.raises(ValueError, match="vocab_subset"):
+        Tail(lm, rows, 1, vocab_subset=-1)
+    from fedit.errors import HparamsError
+    with pytest.raises(HparamsError, match="vocab_refresh"):
+        check_vocab_subset(8, 0)
+
+
+@pytest.mark.parametrize("method", ["grace", "wise"])
+def test_memory_methods_edit_with_a_candidate_vocabulary(method, tiny_cache):
+    from fedit.errors import HparamsError
+    from fedit.methods import hparams_for
+
+    lm = tiny_model("gpt2")
+    p0 = _p(lm, EIFFEL)
+    res = edit(lm, [EIFFEL], method=method, overrides={**FAST[method], "vocab_subset": 64, "vocab_refresh": 5},
+               resources=resources(tiny_cache))
+    assert _p(lm, EIFFEL) > 5 * p0
+    res.applied.revert()
+    with pytest.raises(HparamsError, match="vocab_subset"):
+        hparams_for(method, lm, {**FAST[method], "vocab_subset": -2})

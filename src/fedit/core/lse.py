@@ -87,3 +87,35 @@ def soft_cross_entropy(h: torch.Tensor, W: torch.Tensor, tok: torch.Tensor, soft
     if int((tok < 0).sum()) != soft.shape[0]:
         raise ValueError(f"{int((tok < 0).sum())} rows without a token but {soft.shape[0]} distributions")
     return _SoftCE.apply(h, W, tok, soft.float(), chunk)
+
+
+# --- a candidate vocabulary between exact steps -----------------------------------------------
+# An optimisation that reads a few positions' log-probabilities over the whole vocabulary on
+# every step spends most of its projection on tokens whose probability hardly moves. On an exact
+# step the loss is formed over the whole vocabulary and a candidate set is chosen: the top ``k``
+# tokens of every row (and any tokens the caller must have, e.g. the targets); the log Σ exp of
+# the logits outside the set is frozen there. The steps until the next exact one form logits for
+# the candidates only and normalise with the frozen rest. At an exact step the numbers are those
+# of the full log-softmax; in between, only the tokens outside the set are approximated, by their
+# values at the last exact step.
+
+
+def candidate_vocab(logits: torch.Tensor, k: int, *must: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vocab [U] sorted token ids, tail [M]) from exact ``logits`` [M, V]: the top ``k`` of each
+    row and every id in ``must``; ``tail`` is each row's log Σ exp over the tokens not chosen
+    (−inf when every token is)."""
+    V = logits.shape[-1]
+    parts = [logits.topk(min(k, V), -1).indices.flatten(), *(m.flatten().to(logits.device) for m in must)]
+    vocab = torch.unique(torch.cat(parts))  # sorted
+    outside = torch.ones(V, dtype=torch.bool, device=logits.device)
+    outside[vocab] = False
+    tail = (torch.logsumexp(logits[:, outside], -1) if bool(outside.any())
+            else torch.full((logits.shape[0],), -torch.inf, device=logits.device))
+    return vocab, tail
+
+
+def candidate_log_softmax(part: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [M, U] of the candidates from their logits ``part`` [M, U] and the frozen
+    log Σ exp of the rest, ``tail`` [M] (see :func:`candidate_vocab`)."""
+    part = part.float()
+    return part - torch.logaddexp(torch.logsumexp(part, -1), tail)[:, None]

@@ -328,8 +328,7 @@ def _optimise(lm, requests: list[EditRequest], templates: list[str], cfg: Target
                     with record_function("targets.projection"), precision():
                         part = ad.logits(h_pos, weight=sub.weight, vocab=sub.vocab)
                     with record_function("targets.projection"):
-                        part = part.float()
-                        part = part - torch.logaddexp(torch.logsumexp(part, -1), sub.tail)[:, None]
+                        part = lse.candidate_log_softmax(part, sub.tail)
                     nr = len(view.rows)
                     tok_nll = -part[:nr].gather(1, sub.tok_at[:, None])[:, 0] * view.weight
                     k = len(view.live)
@@ -400,14 +399,8 @@ class _Candidates:
     @staticmethod
     def choose(logits: torch.Tensor, view, k: int, w_full: torch.Tensor | None) -> "_Candidates":
         """From exact logits [N + k, V] (target positions, then KL positions) of ``view``."""
-        V = logits.shape[-1]
-        k = min(k, V)
-        parts = [logits.topk(k, -1).indices.flatten(), view.kl_init.topk(k, -1).indices.flatten(), view.toks]
-        vocab = torch.unique(torch.cat(parts))  # sorted
-        out = torch.ones(V, dtype=torch.bool, device=logits.device)
-        out[vocab] = False
-        tail = torch.logsumexp(logits[:, out], -1) if bool(out.any()) else \
-            torch.full((logits.shape[0],), -torch.inf, device=logits.device)
+        k = min(k, logits.shape[-1])
+        vocab, tail = lse.candidate_vocab(logits, k, view.kl_init.topk(k, -1).indices, view.toks)
         tok_at = torch.searchsorted(vocab, view.toks)
         logp0 = view.kl_init[:, vocab]
         return _Candidates(view, vocab, None if w_full is None else w_full[vocab], tail, tok_at, logp0.exp(), logp0)

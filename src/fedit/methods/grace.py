@@ -36,6 +36,7 @@ from fedit.errors import FeditError, HparamsError
 from fedit.memory import MemoryEdit, linear_dims, memory_tensor, output_hook, register_memory
 from fedit.methods import Method, register
 from fedit.methods.base import EditOutcome, Resources
+from fedit.methods.hparams import check_vocab_subset
 from fedit.methods.tail import Tail, target_rows
 from fedit.requests import EditRequest
 
@@ -49,6 +50,10 @@ class GraceHparams:
     n_iter: int = 100  # maximal Adam steps on an edit's values
     lr: float = 0.3  # Adam step, in units of the RMS of W_out's output at the edit's positions
     nll_stop: float = 0.01  # stop once the edit's mean target NLL is below this
+    # Between every vocab_refresh-th step the target NLL reads only a candidate vocabulary of
+    # the top vocab_subset tokens per position (methods.tail.Tail); 0: every step exact
+    vocab_subset: int = 0
+    vocab_refresh: int = 5
 
     def __post_init__(self):
         if len(self.layers) != 1:
@@ -56,6 +61,7 @@ class GraceHparams:
                                "pass one layer, e.g. --layers 12.")
         if self.eps <= 0 or self.n_iter < 0 or self.lr <= 0:
             raise HparamsError("eps and lr must be positive and n_iter at least 0.", "e.g. eps 1.0, n_iter 100, lr 0.3.")
+        check_vocab_subset(self.vocab_subset, self.vocab_refresh)
 
 
 @dataclass
@@ -193,7 +199,8 @@ def compute_grace(lm, requests: list[EditRequest], hp: GraceHparams, resources: 
     cb = {k: getattr(state, k)[layer].clone() for k in ("keys", "values", "radii", "labels")}
     targets = []
     for r in requests:
-        tail = Tail(lm, target_rows(lm.tokenizer, [r.filled_prompt], [r.target_new]), layer)
+        tail = Tail(lm, target_rows(lm.tokenizer, [r.filled_prompt], [r.target_new]), layer,
+                    vocab_subset=hp.vocab_subset, vocab_refresh=hp.vocab_refresh)
         P, ti = len(encode(lm.tokenizer, r.filled_prompt)), target_ids(lm.tokenizer, r.target_new)
         pos = list(range(P - 1, P - 1 + len(ti)))
         used = _write_keys(cb, tail.w_in[0, pos].float().cpu(), tail.w_out[0, pos].float().cpu(), ti, hp.eps)

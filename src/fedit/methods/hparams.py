@@ -25,6 +25,13 @@ T = TypeVar("T")
 PRECISIONS = ("float32", "bfloat16", "float16")
 
 
+def check_vocab_subset(vocab_subset: int, vocab_refresh: int) -> None:
+    """Refuse a candidate vocabulary setting that cannot work (see ``fedit.core.lse``)."""
+    if vocab_subset < 0 or vocab_refresh < 1:
+        raise HparamsError(f"vocab_subset must be ≥ 0 and vocab_refresh ≥ 1, got {vocab_subset}, {vocab_refresh}.",
+                           "use e.g. vocab_subset 1024, vocab_refresh 5 (0: off).")
+
+
 def autocast_for(target_precision: str) -> str | None:
     """``TargetConfig.autocast`` for a ``target_precision`` hyperparameter (None: plain float32).
 

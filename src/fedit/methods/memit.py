@@ -17,7 +17,7 @@ from fedit.core.tokens import validate_for_tokenizer
 from fedit.deltas import WeightDeltas
 from fedit.errors import HparamsError
 from fedit.methods.base import EditOutcome, Resources
-from fedit.methods.hparams import autocast_for
+from fedit.methods.hparams import autocast_for, check_vocab_subset
 from fedit.methods.targets import targets_for
 from fedit.methods.vectors import EditVectors, compute_memit_base
 from fedit.requests import EditRequest
@@ -67,9 +67,7 @@ class MemitHparams:
             raise HparamsError(f"mom2_update_weight must be ≥ 0, got {self.mom2_update_weight}.",
                                "use e.g. 15000 (GPT-J) or 20000 (GPT-2 XL).")
         autocast_for(self.target_precision)  # validates
-        if self.vocab_subset < 0 or self.vocab_refresh < 1:
-            raise HparamsError(f"vocab_subset must be ≥ 0 and vocab_refresh ≥ 1, got {self.vocab_subset}, "
-                               f"{self.vocab_refresh}.", "use e.g. vocab_subset 1024, vocab_refresh 5 (0: off).")
+        check_vocab_subset(self.vocab_subset, self.vocab_refresh)
         if self.v_num_grad_steps < 0 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
             raise HparamsError("v_num_grad_steps must be ≥ 0 and v_lr, clamp_norm_factor > 0.",
                                "fix the values in the hyperparameter file.")

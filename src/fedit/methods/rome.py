@@ -16,7 +16,7 @@ from fedit.core.tokens import validate_for_tokenizer
 from fedit.deltas import WeightDeltas
 from fedit.errors import HparamsError
 from fedit.methods.base import EditOutcome, Resources
-from fedit.methods.hparams import autocast_for
+from fedit.methods.hparams import autocast_for, check_vocab_subset
 from fedit.requests import EditRequest
 
 
@@ -51,9 +51,7 @@ class RomeHparams:
             raise HparamsError(f"ROME edits exactly one layer, got layers={self.layers}.",
                                "pass one layer (--layers 5) or use MEMIT for several.")
         autocast_for(self.target_precision)  # validates
-        if self.vocab_subset < 0 or self.vocab_refresh < 1:
-            raise HparamsError(f"vocab_subset must be ≥ 0 and vocab_refresh ≥ 1, got {self.vocab_subset}, "
-                               f"{self.vocab_refresh}.", "use e.g. vocab_subset 1024, vocab_refresh 5 (0: off).")
+        check_vocab_subset(self.vocab_subset, self.vocab_refresh)
         if self.v_num_grad_steps < 0 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
             raise HparamsError("v_num_grad_steps must be ≥ 0 and v_lr, clamp_norm_factor > 0.",
                                "fix the values in the hyperparameter file.")

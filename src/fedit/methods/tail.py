@@ -5,6 +5,12 @@ change layer ``L`` and nothing below it, so the inputs of block ``L`` are fixed:
 records them (and the arguments every block was called with) in one pass, then re-runs only
 blocks ``L..`` for each optimisation step. The input and output of ``W_out`` at ``L`` are kept
 too (GRACE's keys and warm values, WISE's activations).
+
+With ``vocab_subset`` > 0, :meth:`Tail.nll` forms the full vocabulary's logits only on every
+``vocab_refresh``-th call and in between the logits of a candidate vocabulary
+(:func:`fedit.core.lse.candidate_vocab`: the top ``vocab_subset`` tokens at each scored position
+and the target tokens), the rest of the normaliser frozen at the last exact call. Gemma 3's
+262k-token unembedding is read once per exact call instead of on every step.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fedit.core import lse
 from fedit.core.hooks import call_block, capture, record_block_calls
 from fedit.core.tokens import encode, pad, pad_id, target_ids
 
@@ -66,8 +73,13 @@ class Tail:
     """Blocks ``layer..`` of ``lm`` over fixed rows; whatever hooks or parameters at those blocks
     are live when :meth:`final` runs take part (and receive gradients)."""
 
-    def __init__(self, lm, rows: TargetRows, layer: int):
+    def __init__(self, lm, rows: TargetRows, layer: int, vocab_subset: int = 0, vocab_refresh: int = 5):
+        if vocab_subset < 0 or vocab_refresh < 1:
+            raise ValueError(f"vocab_subset must be >= 0 and vocab_refresh >= 1, got {vocab_subset}, {vocab_refresh}")
         self.lm, self.layer = lm, layer
+        self.vocab_subset, self.vocab_refresh = vocab_subset, vocab_refresh
+        self.calls_made = 0  # of nll(); every vocab_refresh-th one is exact
+        self._sub: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.r = rows.to(lm.device)
         ad = lm.adapter
         self.blocks = list(ad.blocks())
@@ -90,7 +102,19 @@ class Tail:
     def nll(self, final: torch.Tensor | None = None) -> torch.Tensor:
         """Mean NLL of each pair's target tokens, [n] (differentiable)."""
         final = self.final() if final is None else final
-        r = self.r
-        logp = F.log_softmax(self.lm.adapter.logits(final[r.rows, r.cols]).float(), -1)  # [N, V]
-        tok_nll = -logp.gather(1, r.toks[:, None])[:, 0] * r.weight
+        r, ad = self.r, self.lm.adapter
+        h = final[r.rows, r.cols]
+        exact = not self.vocab_subset or self._sub is None or self.calls_made % self.vocab_refresh == 0
+        self.calls_made += 1
+        if exact:
+            logits = ad.logits(h).float()  # [N, V]
+            if self.vocab_subset:
+                vocab, tail = lse.candidate_vocab(logits.detach(), self.vocab_subset, r.toks)
+                self._sub = (vocab, ad.unembed().weight[vocab], tail, torch.searchsorted(vocab, r.toks))
+            logp = F.log_softmax(logits, -1).gather(1, r.toks[:, None])[:, 0]
+        else:  # the candidates only, the rest of the normaliser as at the last exact call
+            vocab, weight, tail, tok_at = self._sub
+            part = lse.candidate_log_softmax(ad.logits(h, weight=weight, vocab=vocab), tail)
+            logp = part.gather(1, tok_at[:, None])[:, 0]
+        tok_nll = -logp * r.weight
         return torch.zeros(r.n, device=tok_nll.device).index_add(0, r.pair, tok_nll)

@@ -33,6 +33,7 @@ from fedit.errors import FeditError, HparamsError
 from fedit.memory import MemoryEdit, linear_dims, memory_number, memory_tensor, register_memory
 from fedit.methods import Method, register
 from fedit.methods.base import EditOutcome, Resources
+from fedit.methods.hparams import check_vocab_subset
 from fedit.methods.tail import Tail, target_rows
 from fedit.requests import EditRequest
 
@@ -56,6 +57,10 @@ class WiseHparams:
     nll_stop: float = 0.01  # stop once the target NLL is below this and every margin is met
     seed: int = 0  # of the shards' masks
     irrelevant_len: int = 24  # tokens of each irrelevant text
+    # Between every vocab_refresh-th step the target NLL reads only a candidate vocabulary of
+    # the top vocab_subset tokens per position (methods.tail.Tail); 0: every step exact
+    vocab_subset: int = 0
+    vocab_refresh: int = 5
 
     def __post_init__(self):
         if len(self.layers) != 1:
@@ -65,6 +70,7 @@ class WiseHparams:
             raise HparamsError(f"WISE needs 0 < mask_ratio <= 1 and merge_freq a multiple of save_freq; got "
                                f"mask_ratio {self.mask_ratio}, save_freq {self.save_freq}, merge_freq {self.merge_freq}.",
                                "e.g. mask_ratio 0.2, save_freq 500, merge_freq 1000.")
+        check_vocab_subset(self.vocab_subset, self.vocab_refresh)
 
 
 @dataclass
@@ -168,7 +174,7 @@ def _train_edit(lm, r: EditRequest, irrelevant: list[int], delta: torch.Tensor, 
     ids[0, :rows.ids.shape[1]], mask_rows[0, :rows.ids.shape[1]] = rows.ids[0], rows.mask[0]
     ids[1, :len(irrelevant)], mask_rows[1, :len(irrelevant)] = torch.tensor(irrelevant), 1
     rows.ids, rows.mask = ids, mask_rows
-    tail = Tail(lm, rows, layer)
+    tail = Tail(lm, rows, layer, vocab_subset=hp.vocab_subset, vocab_refresh=hp.vocab_refresh)
     d = delta.to(dev).clone().requires_grad_(True)
     m = mask.to(dev)
     opt = torch.optim.SGD([d], lr=hp.lr, weight_decay=1e-5)
