@@ -12,12 +12,15 @@ quality are judged on the same records. Each run's report stays in ``--out``.
     python benchmarks/bench_speed.py --method memit --n 100 --threads 2
     python benchmarks/bench_speed.py --method rome --n 20 --batch-size 1 --threads 2
     python benchmarks/bench_speed.py --method memit --n 100 --target-precision bfloat16
+    python benchmarks/bench_speed.py --method wise --dataset zsre --n 10 --batch-size 1 \
+        --today-set vocab_subset=0 --new-set vocab_subset=1024
 
 ``--order new,today`` runs the new path first (the first run also pays for computing the
 second-moment statistics when they are not cached yet; run once beforehand, or compare the
 order both ways on a shared machine). Anything after ``--`` is passed to both runs; ``--new-set
 KEY=VALUE`` sets a hyperparameter of the new run only (a lever that changes z, such as
-``vocab_subset=1024``, whose quality the side-by-side rates then show).
+``vocab_subset=1024``, whose quality the side-by-side rates then show). ``--today-set`` replaces
+what "today" means (default ``speedups=false``) for methods without that switch (GRACE, WISE).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import time
 from pathlib import Path
 
 RATES = [("efficacy_success", "ES"), ("paraphrase_success", "PS"), ("neighborhood_success", "NS"),
-         ("efficacy_acc", "efficacy acc"), ("paraphrase_acc", "paraphrase acc"), ("neighborhood_acc", "specificity")]
+         ("efficacy_acc", "efficacy acc"), ("paraphrase_acc", "paraphrase acc"), ("neighborhood_acc", "specificity"),
+         ("locality", "locality")]
 
 
 def _run(name: str, args, extra: list[str], out: Path) -> dict:
@@ -45,11 +49,8 @@ def _run(name: str, args, extra: list[str], out: Path) -> dict:
         cmd += ["--threads", str(args.threads)]
     if args.target_precision:
         cmd += ["--target-precision", args.target_precision]
-    if name == "today":
-        cmd += ["--set", "speedups=false"]
-    else:
-        for kv in args.new_set:
-            cmd += ["--set", kv]
+    for kv in (args.today_set or ["speedups=false"]) if name == "today" else args.new_set:
+        cmd += ["--set", kv]
     cmd += extra
     sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[1:])}\n")
     t0 = time.perf_counter()
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", default="memit", choices=["memit", "rome", "pmet", "alphaedit"])
+    ap.add_argument("--method", default="memit", choices=["memit", "rome", "pmet", "alphaedit", "grace", "wise",
+                                                            "ft-l", "ft-m"])
     ap.add_argument("--dataset", default="counterfact")
     ap.add_argument("--data", default=None, help="dataset file (default: the sample shipped with fedit)")
     ap.add_argument("--n", type=int, default=100)
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-precision", default=None, choices=["float32", "bfloat16"])
     ap.add_argument("--new-set", action="append", default=[], metavar="KEY=VALUE",
                     help="a hyperparameter of the new run only (e.g. vocab_subset=1024); repeatable")
+    ap.add_argument("--today-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="what the baseline run sets instead of speedups=false (for methods without that "
+                         "switch, e.g. vocab_subset=0 for GRACE and WISE); repeatable")
     ap.add_argument("--order", default="today,new", help="which path runs first (default today,new)")
     ap.add_argument("--out", default="bench-speed", help="folder for both runs' reports and speed.json")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     per_fact = {k: r["edit_seconds"] / r["n"] for k, r in reports.items()}
     rates = {k: _rates(r) for k, r in reports.items()}
     res = {"method": args.method, "n": args.n, "batch_size": args.batch_size, "threads": args.threads,
-           "new_set": args.new_set,
+           "new_set": args.new_set, "today_set": args.today_set or ["speedups=false"],
            "target_precision": args.target_precision or "float32", "order": order, "cpus": os.cpu_count(),
            "load_average": list(os.getloadavg()),
            "seconds_per_fact": {k: round(v, 3) for k, v in per_fact.items()},
@@ -107,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("today", "new"):
         r = rates[k]
         lines.append(f"  {k:5s}: {per_fact[k]:7.2f} s per fact (targets {100 * (res['target_share'][k] or 0):.0f} %), "
-                     + " / ".join(f"{label} {r[label]:.1f}" for label in ("ES", "PS", "NS") if label in r))
+                     + " / ".join(f"{label} {r[label]:.1f}" for label in
+                                  (("ES", "PS", "NS") if "ES" in r and args.dataset != "zsre" else
+                                   ("efficacy acc", "paraphrase acc", "locality")) if label in r))
     lines.append(f"  speed-up {res['speedup']:.2f}x; new - today: "
                  + ", ".join(f"{k} {v:+.1f}" for k, v in res["rate_differences"].items()))
     sys.stderr.write("\n".join(lines) + "\n")

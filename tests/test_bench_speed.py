@@ -28,6 +28,23 @@ def test_speed_benchmark_runs_both_paths_and_compares_rates(tiny_model_dir, tmp_
     assert res["rate_differences"] and all(abs(v) < 1e-6 for v in res["rate_differences"].values())
 
 
+def test_speed_benchmark_takes_another_baseline_for_methods_without_speedups(tiny_model_dir, tmp_path, capsys):
+    """GRACE has no speedups switch: --today-set says what its baseline sets instead."""
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps({"layers": [1], "lr": 1.0, "n_iter": 20}))
+    bench = load_script("bench_speed")
+    out = tmp_path / "out"
+    assert bench.main(["--method", "grace", "--n", "2", "--batch-size", "1", "--out", str(out), "--json",
+                       "--today-set", "vocab_subset=0", "--new-set", "vocab_subset=1000000", "--",
+                       "--model", str(tiny_model_dir), "--hparams", str(hp), "--corpus", str(CORPUS),
+                       "--cache-dir", str(tmp_path / "cache")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["today_set"] == ["vocab_subset=0"] and res["method"] == "grace"
+    today = json.loads((out / "today" / "report.json").read_text())
+    assert today["provenance"]["hparams"]["vocab_subset"] == 0
+    assert all(abs(v) < 1e-6 for v in res["rate_differences"].values())  # a covering subset: the same edits
+
+
 def test_stage_profile_of_an_edit_on_both_paths(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FEDIT_CACHE", str(tmp_path / "cache"))
     hp = tmp_path / "hp.json"
