@@ -8,6 +8,23 @@ the full files), loads the model offline and reads the first ``--n`` records.
 from __future__ import annotations
 
 import argparse
+import json
+
+# "Today's path" of the speed work: what editing did on main before it, per method. The speed
+# switches off, and for MEMIT and ROME the settings their Gemma files shipped then (the files
+# now ship the candidate vocabulary and, for MEMIT, 4 context templates instead of 6).
+BEFORE = {"memit": {"speedups": False, "vocab_subset": 0, "context_template_length_params": [[10, 5]]},
+          "rome": {"speedups": False, "vocab_subset": 0}}
+
+
+def before(method: str) -> dict:
+    """The hyperparameters that restore today's path for ``method`` (see ``BEFORE``)."""
+    return dict(BEFORE.get(method, {"speedups": False}))
+
+
+def before_sets(method: str) -> list[str]:
+    """:func:`before` as ``fedit eval --set KEY=VALUE`` arguments."""
+    return [f"{k}={json.dumps(v)}" for k, v in before(method).items()]
 
 
 def parser(doc: str, *, n: int, dataset: bool = True) -> argparse.ArgumentParser:

@@ -3,7 +3,8 @@
 A measuring script, not a test: it prints figures and asserts nothing about time. It runs
 ``fedit eval`` twice on the same ``--n`` records with the same options, once with
 ``--set speedups=false`` ("today": target optimisation without the switches of
-``fedit.core.targets.SPEED_SWITCHES``) and once as shipped ("new"), each in its own process
+``fedit.core.targets.SPEED_SWITCHES``, and for MEMIT and ROME the settings their files shipped
+before the speed work, ``_bench.BEFORE``) and once as shipped ("new"), each in its own process
 with no target cache, so each optimises every target itself. It prints each run's seconds per
 edited fact (``edit_seconds / n``: targets, keys, statistics, solves; measurement excluded),
 the ratio, and the success rates beside each other with their differences, so speed and
@@ -20,7 +21,7 @@ second-moment statistics when they are not cached yet; run once beforehand, or c
 order both ways on a shared machine). Anything after ``--`` is passed to both runs; ``--new-set
 KEY=VALUE`` sets a hyperparameter of the new run only (a lever that changes z, such as
 ``vocab_subset=1024``, whose quality the side-by-side rates then show). ``--today-set`` replaces
-what "today" means (default ``speedups=false``) for methods without that switch (GRACE, WISE).
+what "today" means (default ``_bench.BEFORE``) for methods without the speedups switch (GRACE, WISE).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _bench import before_sets
 
 RATES = [("efficacy_success", "ES"), ("paraphrase_success", "PS"), ("neighborhood_success", "NS"),
          ("efficacy_acc", "efficacy acc"), ("paraphrase_acc", "paraphrase acc"), ("neighborhood_acc", "specificity"),
@@ -49,7 +52,7 @@ def _run(name: str, args, extra: list[str], out: Path) -> dict:
         cmd += ["--threads", str(args.threads)]
     if args.target_precision:
         cmd += ["--target-precision", args.target_precision]
-    for kv in (args.today_set or ["speedups=false"]) if name == "today" else args.new_set:
+    for kv in (args.today_set or before_sets(args.method)) if name == "today" else args.new_set:
         cmd += ["--set", kv]
     cmd += extra
     sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[1:])}\n")
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     per_fact = {k: r["edit_seconds"] / r["n"] for k, r in reports.items()}
     rates = {k: _rates(r) for k, r in reports.items()}
     res = {"method": args.method, "n": args.n, "batch_size": args.batch_size, "threads": args.threads,
-           "new_set": args.new_set, "today_set": args.today_set or ["speedups=false"],
+           "new_set": args.new_set, "today_set": args.today_set or before_sets(args.method),
            "target_precision": args.target_precision or "float32", "order": order, "cpus": os.cpu_count(),
            "load_average": list(os.getloadavg()),
            "seconds_per_fact": {k: round(v, 3) for k, v in per_fact.items()},

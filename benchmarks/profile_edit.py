@@ -1,12 +1,13 @@
 """Where an edit's time goes: a stage profile of one edit on today's path and with the speed-ups.
 
 A measuring script, not a test: it prints figures and asserts nothing about time. It loads the
-default model, takes the first ``--n`` CounterFact records and, for each path (``today``:
-``speedups=false``; ``new``: as shipped), runs under ``torch.profiler`` one
-``fedit.edit`` of all of them with ``--method`` (MEMIT: one batch; ROME: one edit after another)
-and then the teacher-forced measurement of the same records on the edited model, which it
-reverts afterwards. Printed per stage (inclusive seconds; stages nest, e.g. the targets'
-sub-stages are inside ``targets``):
+default model, takes the first ``--n`` CounterFact records and, for each path (``today``: the
+speed switches off and the settings the method's file shipped before the speed work,
+``_bench.BEFORE``; ``new``: as shipped), runs under ``torch.profiler`` one ``fedit.edit`` of all
+of them with ``--method`` (MEMIT: one batch; ROME: one edit after another) and then the
+teacher-forced measurement of the same records on the edited model, which it reverts afterwards.
+Printed per stage (inclusive seconds; stages nest, e.g. the targets' sub-stages are inside
+``targets``):
 
 - ``edit.statistics``: the layers' second moments (from the cache after the warm-up);
 - ``targets``: target optimisation, split into ``targets.first_forward`` (the lower blocks, once
@@ -31,7 +32,7 @@ import os
 import sys
 import time
 
-from _bench import load, parser, stage_lines
+from _bench import before, load, parser, stage_lines
 
 STAGES = ["edit", "edit.statistics", "targets", "targets.first_forward", "targets.upper_forward",
           "targets.projection", "targets.kl", "targets.backward", "edit.keys", "edit.residual", "edit.pullback",
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     hp0 = hparams_for(args.method, lm, None, args.hparams)
     res.second_moments(lm, hp0.layers, hp0.mom2_samples, hp0.mom2_seq_len)
     templates = flat(res.templates(lm, hp0.context_template_length_params))
+    res.templates(lm, hparams_for(args.method, lm, before(args.method), args.hparams).context_template_length_params)
     compute_targets(lm, reqs[:1], templates, dataclasses.replace(hp0.target_config(), steps=1))
     warm = time.perf_counter() - t0
     out = {"method": args.method, "model": lm.name, "n": len(reqs), "precision": args.precision,
@@ -70,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stderr.write(f"{args.method}, {len(reqs)} records, {args.precision} targets, {out['threads']} threads "
                      f"(warm-up {warm:.0f} s, load {out['load_average'][0]:.2f}):\n")
     for path in args.paths.split(","):
-        hp = hparams_for(args.method, lm, {"speedups": path == "new", "target_precision": args.precision},
-                         args.hparams)
+        over = {} if path == "new" else before(args.method)
+        hp = hparams_for(args.method, lm, {**over, "target_precision": args.precision}, args.hparams)
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             with record_function("edit"):

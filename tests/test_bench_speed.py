@@ -13,12 +13,14 @@ def test_speed_benchmark_runs_both_paths_and_compares_rates(tiny_model_dir, tmp_
     # a hyperparameter of the new run only: a candidate vocabulary as large as the vocabulary
     # (exact, so the rates below still agree)
     assert bench.main(["--method", "memit", "--n", "3", "--out", str(out), "--json",
-                       "--new-set", "vocab_subset=1000000", "--",
+                       "--today-set", "speedups=false", "--new-set", "vocab_subset=1000000", "--",
                        "--model", str(tiny_model_dir), "--hparams", str(hp), "--corpus", str(CORPUS),
                        "--cache-dir", str(tmp_path / "cache")]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res == json.loads((out / "speed.json").read_text())
-    assert res["new_set"] == ["vocab_subset=1000000"]
+    assert res["new_set"] == ["vocab_subset=1000000"] and res["today_set"] == ["speedups=false"]
+    # without --today-set, today's path is what the method's file shipped before the speed work
+    assert bench.before_sets("memit") == ["speedups=false", "vocab_subset=0", "context_template_length_params=[[10, 5]]"]
     today = json.loads((out / "today" / "report.json").read_text())
     new = json.loads((out / "new" / "report.json").read_text())
     assert today["n"] == new["n"] == 3 and today["targets_from_cache"] == new["targets_from_cache"] == 0
