@@ -10,8 +10,9 @@ keep their batches applied, and each batch is a point at the number of edits mad
 with it. A point's seconds per fact are the batch's edit seconds (targets, keys, statistics,
 solves; not the measurement) over its edits; its memory is the process's peak RSS when the
 batch was done (``batch_costs`` in the report). Batches whose targets came from a target cache
-are left out, since their optimisation time is not in their seconds. Prints a Markdown table
-of the points and draws both curves into ``--out``.
+are left out, since their optimisation time is not in their seconds, and so are batches named
+with ``--exclude RUN:BATCH`` (a batch known to be disturbed, e.g. its process paused by hand).
+Prints a Markdown table of the points and draws both curves into ``--out``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _load(folder: Path) -> dict:
     for p in (folder / "report.json", folder / "checkpoint" / "progress.json"):
         if p.is_file():
             doc = json.loads(p.read_text())
-            doc.setdefault("method", doc.get("model_name", "?"))
+            doc.setdefault("method", doc.get("signature", {}).get("method", "?"))  # a checkpoint: its signature
             return doc
     raise SystemExit(f"error: {folder} has neither report.json nor checkpoint/progress.json")
 
@@ -51,14 +52,14 @@ def batch_points(folders: list[Path]) -> list[dict]:
     return sorted(out, key=lambda p: p["batch"])
 
 
-def sequential_points(folders: list[Path]) -> list[dict]:
+def sequential_points(folders: list[Path], exclude: set[tuple[str, int]] = frozenset()) -> list[dict]:
     out = []
     for f in folders:
         doc = _load(f)
         done = 0
         for c in doc.get("batch_costs", []):
             done += c["edits"]
-            if c.get("targets_from_cache"):
+            if c.get("targets_from_cache") or (f.name, c["batch"]) in exclude:
                 continue
             out.append({"run": f.name, "method": doc.get("method"), "edits_so_far": done, "batch": c["edits"],
                         "s_per_fact": round(c["edit_seconds"] / c["edits"], 3), "peak_rss_mb": c["peak_rss_mb"]})
@@ -106,14 +107,23 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", nargs="*", default=[], help="eval folders, one batch size each")
     ap.add_argument("--sequential", nargs="*", default=[], help="eval folders of sequential runs")
+    ap.add_argument("--exclude", action="append", default=[], metavar="RUN:BATCH",
+                    help="leave out batch BATCH of the sequential run in folder RUN (its name), e.g. one "
+                         "whose process was paused; repeatable")
     ap.add_argument("--out", default="cost_curve.png", help="chart file (default cost_curve.png)")
     ap.add_argument("--json", action="store_true", help="print the points as one JSON object")
     args = ap.parse_args(argv)
     if not args.batch and not args.sequential:
         ap.error("give --batch and/or --sequential folders")
+    exclude = set()
+    for item in args.exclude:
+        run, _, b = item.rpartition(":")
+        if not run or not b.isdigit():
+            ap.error(f"--exclude {item!r}: expected RUN:BATCH, e.g. seq2000-memit:6")
+        exclude.add((run, int(b)))
     try:
         batch = batch_points([Path(f) for f in args.batch])
-        seq = sequential_points([Path(f) for f in args.sequential])
+        seq = sequential_points([Path(f) for f in args.sequential], exclude)
     except SystemExit as e:
         sys.stderr.write(f"{e}\n")
         return 2

@@ -26,8 +26,18 @@ def test_cost_curve_points_table_and_chart(tmp_path, capsys):
     # the batch whose targets came from a cache is not a point; edits so far still count it
     assert [(p["edits_so_far"], p["s_per_fact"]) for p in pts["sequential"]] == [(100, 1.2), (300, 1.4)]
     assert out.stat().st_size > 1000
+    # a batch named with --exclude (e.g. its process was paused) is not a point either
+    assert script.main(["--sequential", seq, "--exclude", "seq:3", "--out", str(out), "--json"]) == 0
+    assert [p["edits_so_far"] for p in json.loads(capsys.readouterr().out)["sequential"]] == [100]
     assert script.main(["--batch", b1, "--out", str(out)]) == 0
     assert "| memit | 1 | 3.00 | 950 | `b1` |" in capsys.readouterr().out
+    # a run still going: its checkpoint, whose method is in its signature
+    ck = tmp_path / "going" / "checkpoint"
+    ck.mkdir(parents=True)
+    (ck / "progress.json").write_text(json.dumps({"signature": {"method": "memit"}, "model_name": "gemma-3-270m",
+                                                  "batch_costs": [c(1, 100, 300.0, 4000)]}))
+    assert script.main(["--sequential", str(tmp_path / "going"), "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sequential"][0]["method"] == "memit"
     old = _report(tmp_path / "old", "memit", [])
     assert script.main(["--batch", old, "--out", str(out)]) == 2
     assert "no batch_costs" in capsys.readouterr().err
