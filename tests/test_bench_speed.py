@@ -60,3 +60,14 @@ def test_stage_profile_of_an_edit_on_both_paths(tiny_model_dir, tmp_path, capsys
         st = p["stages_s"]
         assert st["edit"] > 0 and st["measure"] > 0 and st["targets.upper_forward"] > 0 and st["edit.keys"] > 0
         assert set(prof.STAGES) <= set(st) and st["targets"] <= st["edit"]
+
+
+def test_workers_benchmark_gives_the_same_targets_both_ways(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEDIT_CACHE", str(tmp_path / "cache"))
+    bench = load_script("bench_workers")
+    assert bench.main(["--model", str(tiny_model_dir), "--n", "3", "--threads", "1",
+                       "--runs", "threads+batch=1,workers+batch=1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["run"], r["batch"], r["workers"]) for r in out["runs"]] == [("threads+batch=1", 1, 1),
+                                                                        ("workers+batch=1", 1, 2)]
+    assert out["runs"][1]["max_rel_z_diff"] < 1e-4  # the workers optimise the same targets

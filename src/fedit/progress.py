@@ -61,6 +61,11 @@ class Task:
     def __init__(self, bar: Bar | None):
         self._bar = bar
 
+    @property
+    def shown(self) -> bool:
+        """Whether anything shows this task (False: every method is a no-op)."""
+        return self._bar is not None
+
     def update(self, n: float = 1, **values: Any) -> None:
         """Advance by ``n`` (0 to only change the values) and show ``values`` (e.g. loss=0.4)."""
         if self._bar is None:

@@ -42,6 +42,7 @@ from torch.profiler import record_function
 
 from fedit import progress
 from fedit.core import lse, prefix
+from fedit.core import workers as workers_mod
 from fedit.core.hooks import call_block, capture, edit_output, record_block_calls
 from fedit.core.tokens import last_token_of_span, pad, pad_id, subject_batch, target_ids
 from fedit.requests import EditRequest
@@ -145,14 +146,16 @@ def compute_target(lm, request: EditRequest, templates: list[str], cfg: TargetCo
 
 
 def compute_targets(lm, requests: list[EditRequest], templates: list[str], cfg: TargetConfig,
-                    batch_size: int = 16, cache=None) -> list[TargetResult]:
+                    batch_size: int = 16, cache=None, workers: int = 1) -> list[TargetResult]:
     """Optimise one δ per request, ``batch_size`` requests per forward pass.
 
     ``templates[0]`` must be the bare ``"{}"`` template. Requests in a batch are independent:
     each has its own rows, its own δ, its own early stop and norm clamp, and Adam acts per
     coordinate, so the result is the same as optimising them one at a time (up to float
     noise). The model is not changed. With a ``cache`` (see the module docstring) only the
-    requests it does not hold are optimised.
+    requests it does not hold are optimised. ``workers`` > 1 (CPU): that many one-thread
+    processes optimise whole batches side by side (:func:`fedit.core.workers.fork_map`), with
+    the same results; each result's ``seconds`` is then its batch's time in its worker.
     """
     out: list[TargetResult | None] = [None] * len(requests)
     keys = cache.keys(lm, requests, templates, cfg) if cache is not None else None
@@ -161,10 +164,16 @@ def compute_targets(lm, requests: list[EditRequest], templates: list[str], cfg: 
     todo = [i for i, r in enumerate(out) if r is None]
     bs = max(1, batch_size)
     batches = [todo[s:s + bs] for s in range(0, len(todo), bs)]
+
+    def run(b: int, bar: progress.Task) -> list[TargetResult]:
+        idx = batches[b]
+        which = f"{b * bs + 1}-{b * bs + len(idx)}" if len(idx) > 1 else f"{b * bs + 1}"
+        return _optimise(lm, [requests[i] for i in idx], templates, cfg, bar, f"{which}/{len(todo)}")
+
     with progress.task("target vectors", total=len(batches) * cfg.steps, unit="step") as bar:
-        for b, idx in enumerate(batches):
-            which = f"{b * bs + 1}-{b * bs + len(idx)}" if len(idx) > 1 else f"{b * bs + 1}"
-            for i, r in zip(idx, _optimise(lm, [requests[i] for i in idx], templates, cfg, bar, f"{which}/{len(todo)}")):
+        for b, results in workers_mod.fork_map(run, range(len(batches)), workers if lm.device.type == "cpu" else 1,
+                                               bar):
+            for i, r in zip(batches[b], results):
                 out[i] = r
                 if keys is not None:
                     cache.put(keys[i], r)

@@ -36,13 +36,17 @@ class CheckpointError(FeditError):
     pass
 
 
+# Overrides that change how a run uses the machine, not its results: a run may resume with others.
+NOT_SIGNED = ("v_workers",)
+
+
 def signature(lm, records, cfg, overrides: dict | None, hparams_file) -> dict[str, Any]:
     ids = hashlib.sha256(json.dumps([[r.case_id, r.request.prompt, r.request.subject, r.request.target_new]
                                      for r in records], default=str).encode()).hexdigest()[:16]
     sig = {"version": VERSION, "model": lm.identity()["fingerprint"], "method": cfg.method, "dataset": cfg.dataset,
            "n": len(records), "records": ids, "batch_size": cfg.batch_size, "fluency_records": cfg.fluency_records,
            "track_batches": cfg.track_batches, "seed": cfg.seed,
-           "overrides": {k: v for k, v in (overrides or {}).items() if v is not None},
+           "overrides": {k: v for k, v in (overrides or {}).items() if v is not None and k not in NOT_SIGNED},
            "hparams_file": str(hparams_file) if hparams_file else None}
     if cfg.track_every != 1:  # only when set, so that checkpoints written before it still resume
         sig["track_every"] = cfg.track_every
@@ -154,8 +158,9 @@ class Checkpoint:
             raise CheckpointError(f"the checkpoint in {self.dir} is of another run (differs in {diff}).",
                                   "resume with the same command, or use another --out folder.")
         stored = doc.get("hparams")
-        if stored is not None and self.hparams is not None and stored != self.hparams:
-            diff = sorted(k for k in set(stored) | set(self.hparams) if stored.get(k) != self.hparams.get(k))
+        diff = sorted(k for k in set(stored or {}) | set(self.hparams or {})
+                      if k not in NOT_SIGNED and (stored or {}).get(k) != (self.hparams or {}).get(k))
+        if stored is not None and self.hparams is not None and diff:
             raise CheckpointError(f"the checkpoint in {self.dir} was edited with other hyperparameters "
                                   f"(differs in {diff}; was the data file changed since?).",
                                   "resume with the hyperparameters of the checkpoint (--hparams FILE with "

@@ -21,6 +21,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['n']} records, batch size {report['batch_size']}"
              f"{', sequential' if report['sequential'] else ', each batch reverted before the next'}; "
              f"{report['seconds_per_edit']} s per edit; peak RSS {report['peak_rss_mb']} MB"
+             + (f" (target workers: {report['peak_rss_workers_mb']} MB each at most)"
+                if report.get("peak_rss_workers_mb") else "")
              + (f"; peak CUDA {report['peak_cuda_mb']} MB" if report.get("peak_cuda_mb") else ""), "",
              "Rates are percentages; magnitudes are probability differences ×100; fluency is in bits.", "",
              "| metric | style | pre | post |", "|---|---|---|---|"]

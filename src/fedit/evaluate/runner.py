@@ -208,9 +208,16 @@ def _generate_for(lm, records: list[EvalRecord], idx: list[int], cfg: EvalConfig
     return dict(zip(idx, texts))
 
 
-def _peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    kb = resource.getrusage(who).ru_maxrss
     return kb / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def _peak_worker_rss_mb() -> float | None:
+    """The largest RSS any finished worker process reached (target workers, ``v_workers``), or None.
+    A forked worker's RSS counts the pages it still shares with this process."""
+    mb = _peak_rss_mb(resource.RUSAGE_CHILDREN)
+    return round(mb, 1) if mb > 0 else None
 
 
 @dataclass
@@ -327,7 +334,7 @@ def _edit_batch(lm, records: list[EvalRecord], cfg: EvalConfig, batch: list[int]
     run.batch_costs.append({"batch": number, "edits": len(batch), "edit_seconds": round(out.seconds, 3),
                             "target_seconds": round(out.target_seconds, 3),
                             "targets_from_cache": sum(bool(t.get("cached")) for t in out.targets),
-                            "peak_rss_mb": round(_peak_rss_mb(), 1)})
+                            "peak_rss_mb": round(_peak_rss_mb(), 1), "peak_rss_workers_mb": _peak_worker_rss_mb()})
     if (d := edit_diagnostics(out.diagnostics)) is not None:
         run.diagnostics.append({"batch": number, **d})
     return out.deltas
@@ -395,6 +402,7 @@ def _report(lm, records: list[EvalRecord], cfg: EvalConfig, run: _Run, raw_post:
         "pre_from_cache": run.pre_cached,  # the unedited model's measurements were reused
         "resumed_after_batch": run.resumed_after or None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_workers_mb": _peak_worker_rss_mb(),  # forked target workers (v_workers > 1), else None
         "peak_cuda_mb": (round(torch.cuda.max_memory_allocated(lm.device) / 2**20, 1)
                          if lm.device.type == "cuda" else None),
         "metrics": post, "metrics_pre": pre, "styles": {k: STYLE[k] for k in post if k in STYLE},

@@ -57,6 +57,10 @@ class MemitHparams:
     # residual at L shrinks (0 if none does). 0: plain MEMIT, every update taken whole.
     backtrack_steps: int = 0
     v_batch_size: int = 16  # requests optimised together in one forward pass (results do not depend on it)
+    # > 1 (CPU): that many one-thread worker processes optimise target batches side by side
+    # (core.workers); results do not depend on it. Set it to the number of cores when a run has
+    # several batches of targets (docs/benchmarks.md)
+    v_workers: int = 1
     # "layerwise": each layer's keys and residual are measured on the model as edited by the
     # layers below (MEMIT as published). "base": all from the unedited base model, all layers
     # solved at once from their layer sums (methods.vectors; CollabEdit's form, FedEdit private mode).
@@ -71,6 +75,9 @@ class MemitHparams:
         if self.v_num_grad_steps < 0 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
             raise HparamsError("v_num_grad_steps must be ≥ 0 and v_lr, clamp_norm_factor > 0.",
                                "fix the values in the hyperparameter file.")
+        if self.v_batch_size < 1 or self.v_workers < 1:
+            raise HparamsError(f"v_batch_size and v_workers must be ≥ 1, got {self.v_batch_size}, {self.v_workers}.",
+                               "use e.g. v_batch_size 16 and v_workers 1 (or the number of cores).")
         if self.form not in ("layerwise", "base"):
             raise HparamsError(f"form must be 'layerwise' or 'base', got {self.form!r}.",
                                "use 'layerwise' (MEMIT as published) or 'base' (all from the unedited model).")
