@@ -1,6 +1,8 @@
 """Target batches in forked one-thread worker processes (``v_workers``): the same z as one process."""
 
+import os
 import threading
+import time
 
 import pytest
 import torch
@@ -62,6 +64,57 @@ def test_fork_map_raises_a_workers_error_here_and_leaves_no_worker_behind():
     with pytest.raises(ValueError, match="item 3 is bad"):
         list(fork_map(_boom, list(range(5)), 2))
     assert threading.active_count() == before  # the pool's threads are gone
+
+
+def _die(x, task):
+    if x == 1:
+        os._exit(3)  # as the kernel's OOM killer would leave it
+    time.sleep(0.2)
+    return x
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang():
+    with pytest.raises(RuntimeError, match="worker process died"):
+        list(fork_map(_die, list(range(4)), 2))
+
+
+def _slow(x, task):
+    time.sleep(30)
+    return x
+
+
+def test_a_caller_that_stops_early_stops_the_workers():
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    gen = fork_map(_slow, list(range(4)), 2)
+    with pytest.raises(TimeoutError):
+        with _deadline(1):
+            next(gen)
+    gen.close()  # the caller gives up: the workers are terminated, not waited for
+    assert time.perf_counter() - t0 < 20
+    assert not mp.active_children()
+
+
+class _deadline:
+    """Raise TimeoutError in the main thread after ``s`` seconds (SIGALRM)."""
+
+    def __init__(self, s):
+        self.s = s
+
+    def __enter__(self):
+        import signal
+
+        def fire(*_):
+            raise TimeoutError
+        self.old = signal.signal(signal.SIGALRM, fire)
+        signal.alarm(self.s)
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.old)
 
 
 def test_fork_map_with_one_worker_runs_in_order_here():
