@@ -158,9 +158,9 @@ class Checkpoint:
             raise CheckpointError(f"the checkpoint in {self.dir} is of another run (differs in {diff}).",
                                   "resume with the same command, or use another --out folder.")
         stored = doc.get("hparams")
-        diff = sorted(k for k in set(stored or {}) | set(self.hparams or {})
-                      if k not in NOT_SIGNED and (stored or {}).get(k) != (self.hparams or {}).get(k))
-        if stored is not None and self.hparams is not None and diff:
+        diff = [] if stored is None or self.hparams is None else sorted(
+            k for k in set(stored) | set(self.hparams) if k not in NOT_SIGNED and stored.get(k) != self.hparams.get(k))
+        if diff:
             raise CheckpointError(f"the checkpoint in {self.dir} was edited with other hyperparameters "
                                   f"(differs in {diff}; was the data file changed since?).",
                                   "resume with the hyperparameters of the checkpoint (--hparams FILE with "
